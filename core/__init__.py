@@ -1,0 +1,1 @@
+"""Plain PyTorch diffusion core. Nothing in here imports ComfyUI, nodes/ or HTTP code."""

@@ -1,0 +1,232 @@
+"""Checkpoint reading, layout inference, our own format, and every refusal."""
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm_nodes.core import checkpoint as ck
+from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm_nodes.core.schedule import TrainingSchedule
+from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel
+from ldm_nodes.core.unet import UNetConfig, UNetModel
+
+UNET = UNetConfig(4, 4, 32, (1, 2), 1, (1,), 1, 64, num_heads=2)
+VAE = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.5)
+TEXT = CLIPTextConfig(vocab_size=49408, width=64, layers=2, heads=2, mlp_width=128)
+
+
+def sd15_shapes():
+    root = Path(os.environ.get("LDM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+    path = root / "sd15_keys.txt"
+    if not path.exists():
+        pytest.skip("shared/sd15_keys.txt not found")
+    shapes = {}
+    for line in path.read_text().splitlines():
+        key, shape = line.split("\t")
+        shapes[key] = json.loads(shape)
+    return shapes
+
+
+def tiny_modules(seed=0):
+    torch.manual_seed(seed)
+    modules = UNetModel(UNET), AutoencoderKL(VAE), CLIPTextModel(TEXT)
+    for m in modules:  # zero-initialised output layers would hide a mix-up of the parts
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+    return modules
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "tiny.safetensors"
+    modules = tiny_modules()
+    ck.save_checkpoint(path, *modules, TrainingSchedule("linear", 1000), "v", dtype=torch.float32)
+    return path, modules
+
+
+def header_only_file(path, header, metadata=None):
+    """A file whose header describes zero-length tensors: enough for every header-only check."""
+    entries = {k: {"dtype": "F32", "shape": s, "data_offsets": [0, 0]} for k, s in header.items()}
+    if metadata is not None:
+        entries["__metadata__"] = metadata
+    raw = json.dumps(entries).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return path
+
+
+def test_round_trip_reproduces_every_part(saved):
+    path, (unet, vae, text) = saved
+    loaded = ck.load_checkpoint(path)
+    assert loaded.prediction == "v" and loaded.schedule == TrainingSchedule("linear", 1000)
+    assert loaded.unet.config == UNET and loaded.vae.config == VAE and loaded.text_encoder.config == TEXT
+    for a, b in ((unet, loaded.unet), (vae, loaded.vae), (text, loaded.text_encoder)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert not any(p.requires_grad for p in b.parameters())
+    meta = ck.read_model_metadata(path)
+    assert meta["tokenizer"] == ck.TOKENIZER_ID and meta["family"] == "unet" and meta["format"] == 1
+    assert ck.training_schedule_of(path) == TrainingSchedule("linear", 1000)
+
+
+def test_load_in_half_precision_with_vae_in_fp32(saved):
+    path, _ = saved
+    loaded = ck.load_checkpoint(path, dtype=torch.float16, vae_dtype=torch.float32)
+    assert {p.dtype for p in loaded.unet.parameters()} == {torch.float16}
+    assert {p.dtype for p in loaded.text_encoder.parameters()} == {torch.float16}
+    assert {p.dtype for p in loaded.vae.parameters()} == {torch.float32}
+
+
+def test_fp16_file_is_half_the_size(tmp_path):
+    modules = tiny_modules()
+    ck.save_checkpoint(tmp_path / "a.safetensors", *modules, TrainingSchedule(), "eps", dtype=torch.float32)
+    ck.save_checkpoint(tmp_path / "b.safetensors", *modules, TrainingSchedule(), "eps")
+    ratio = os.path.getsize(tmp_path / "b.safetensors") / os.path.getsize(tmp_path / "a.safetensors")
+    assert 0.49 < ratio < 0.51
+
+
+def test_sd15_key_list_is_fully_placed(tmp_path):
+    """Every SD1.5 key is consumed by a module with the SD1.5 config inferred, or explicitly ignored
+    (schedule buffers, EMA copies, position_ids), on the meta device: no memory."""
+    shapes = sd15_shapes()
+    shapes.update({"alphas_cumprod": [1000], "betas": [1000], "model_ema.decay": [],
+                   "model_ema.diffusion_modelinput_blocks00weight": [320, 4, 3, 3],
+                   "cond_stage_model.transformer.text_model.embeddings.position_ids": [1, 77]})
+    path = header_only_file(tmp_path / "sd15.safetensors", shapes)
+    header, _ = ck.read_header(path)
+    parts, (unet, vae, text) = ck.infer_configs(path, header, {})
+    assert (unet.model_channels, unet.channel_mult, unet.num_res_blocks, unet.attention_levels) == (320, (1, 2, 4, 4), 2, (0, 1, 2))
+    assert (unet.context_dim, unet.num_heads, unet.use_linear_in_transformer) == (768, 8, False)
+    assert (vae.ch, vae.ch_mult, vae.z_channels, vae.scale_factor) == (128, (1, 2, 4, 4), 4, 0.18215)
+    assert (text.width, text.layers, text.heads, text.vocab_size) == (768, 12, 12, 49408)
+    placed = {full for names in parts.values() for full in names.values()}
+    ignored = set(shapes) - placed
+    assert ignored == {"alphas_cumprod", "betas", "model_ema.decay", "model_ema.diffusion_modelinput_blocks00weight",
+                       "cond_stage_model.transformer.text_model.embeddings.position_ids"}
+    assert ck.training_schedule_of(path) == TrainingSchedule("scaled_linear", 1000, 0.00085, 0.012)
+
+
+def test_old_text_layout_without_text_model_prefix(tmp_path):
+    shapes = sd15_shapes()
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v for k, v in shapes.items()}
+    path = header_only_file(tmp_path / "old.safetensors", old)
+    parts, _ = ck.infer_configs(path, ck.read_header(path)[0], {})
+    assert "text_model.final_layer_norm.weight" in parts["text"]
+
+
+def test_pickles_are_refused_without_being_opened(tmp_path):
+    marker = tmp_path / "unpickled"
+
+    class Trap:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    for name in ("model.ckpt", "model.safetensors"):  # by extension, and by content under a false name
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps({"state_dict": Trap()}, protocol=2))
+        with pytest.raises(ck.CheckpointError, match=r"pickled PyTorch file.*safetensors"):
+            ck.load_checkpoint(path)
+        assert name in str(pytest.raises(ck.CheckpointError, ck.read_header, path).value)
+    assert not marker.exists()
+    torch_zip = tmp_path / "weights.safetensors"
+    torch.save({"a": torch.zeros(1)}, torch_zip)  # torch's zip format starts with PK
+    with pytest.raises(ck.CheckpointError, match="pickled"):
+        ck.read_header(torch_zip)
+
+
+ONE_TENSOR = b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "truncated"),
+    (b"\x05\x00", "truncated"),
+    (struct.pack("<Q", 10**12) + b"{}", "corrupt or truncated safetensors header"),
+    (struct.pack("<Q", 5) + b"{{{{{", "corrupt safetensors header"),
+    (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+    (struct.pack("<Q", len(ONE_TENSOR)) + ONE_TENSOR + b"\0" * 8, "truncated"),  # 16 data bytes promised, 8 given
+])
+def test_corrupt_files_name_the_file_and_the_problem(tmp_path, content, problem):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ck.CheckpointError, match=problem) as e:
+        ck.load_checkpoint(path)
+    assert str(path) in str(e.value)
+
+
+def test_truncated_real_file(saved, tmp_path):
+    path, _ = saved
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+    with pytest.raises(ck.CheckpointError, match="truncated"):
+        ck.load_checkpoint(cut)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ck.CheckpointError, match="cannot read"):
+        ck.load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_nothing_recognisable(tmp_path):
+    save_file({"encoder.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ck.CheckpointError, match="unexpected key 'encoder.weight'"):
+        ck.load_checkpoint(tmp_path / "other.safetensors")
+    save_file({"first_stage_model.x": torch.zeros(2)}, tmp_path / "vae_only.safetensors")
+    with pytest.raises(ck.CheckpointError, match="nothing recognisable inside: no unet weights"):
+        ck.load_checkpoint(tmp_path / "vae_only.safetensors")
+
+
+def test_sd2_and_sdxl_are_refused_whole(tmp_path):
+    path = header_only_file(tmp_path / "sd2.safetensors", {"cond_stage_model.model.token_embedding.weight": [49408, 1024]})
+    with pytest.raises(ck.CheckpointError, match="Stable Diffusion 2.x.*not supported yet"):
+        ck.load_checkpoint(path)
+    path = header_only_file(tmp_path / "xl.safetensors", {"conditioner.embedders.0.x": [1]})
+    with pytest.raises(ck.CheckpointError, match="SDXL"):
+        ck.load_checkpoint(path)
+
+
+def edited_copy(saved_path, tmp_path, edit):
+    from safetensors.torch import load_file
+    tensors = load_file(saved_path)
+    edit(tensors)
+    out = tmp_path / "edited.safetensors"
+    save_file(tensors, out, metadata={ck.METADATA_KEY: json.dumps(ck.read_model_metadata(saved_path))})
+    return out
+
+
+def test_unexpected_shape_names_key_expected_and_found(saved, tmp_path):
+    key = "model.diffusion_model.out.2.weight"
+    path = edited_copy(saved[0], tmp_path, lambda t: t.__setitem__(key, torch.zeros(4, 32, 1, 1)))
+    with pytest.raises(ck.CheckpointError, match=r"unet: 'out.2.weight' has shape \[4, 32, 1, 1\], expected \[4, 32, 3, 3\]"):
+        ck.load_checkpoint(path)
+
+
+def test_missing_keys_are_listed(saved, tmp_path):
+    def drop(t):
+        for k in [k for k in t if k.startswith("first_stage_model.decoder.up.0.")]:
+            del t[k]
+    path = edited_copy(saved[0], tmp_path, drop)
+    with pytest.raises(ck.CheckpointError, match=r"vae: \d+ keys missing, e\.g\. decoder\.up\.0\.block\.0"):
+        ck.load_checkpoint(path)
+
+
+def test_unexpected_key_in_a_part(saved, tmp_path):
+    path = edited_copy(saved[0], tmp_path, lambda t: t.__setitem__("model.diffusion_model.label_emb.0.0.weight", torch.zeros(2)))
+    with pytest.raises(ck.CheckpointError, match="unet: unexpected key 'label_emb.0.0.weight'"):
+        ck.load_checkpoint(path)
+
+
+def test_inference_without_metadata_matches_the_saved_config(tmp_path):
+    """A file with our layout but no metadata (as another tool might write) infers the same shapes;
+    heads fall back to the family default (head width 64 here: the UNet's channels allow only 1 head)."""
+    unet = UNetModel(UNetConfig(4, 4, 64, (1, 2), 1, (1,), 1, 64, num_head_channels=64))
+    vae, text = AutoencoderKL(VAE), CLIPTextModel(CLIPTextConfig(vocab_size=49408, width=64, layers=1, heads=1, mlp_width=128))
+    ck.save_checkpoint(tmp_path / "x.safetensors", unet, vae, text, TrainingSchedule(), "eps")
+    from safetensors.torch import load_file
+    save_file(load_file(tmp_path / "x.safetensors"), tmp_path / "bare.safetensors")
+    loaded = ck.load_checkpoint(tmp_path / "bare.safetensors")
+    assert loaded.unet.config == unet.config and loaded.vae.config.ch_mult == VAE.ch_mult
+    assert loaded.prediction == "eps" and loaded.schedule.beta_schedule == "scaled_linear"

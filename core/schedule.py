@@ -12,6 +12,7 @@ Everything here is computed in float64.
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
@@ -203,7 +204,9 @@ def _spaced_timesteps(spacing, T, steps, steps_offset):
             raise ValueError(f"steps_offset {steps_offset} pushes leading timesteps past {T - 1}")
         return t
     if spacing == "trailing":  # T-1, T-1-T/N, ..., rounded
-        return torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1
+        # numpy's arange does diffusers' exact arithmetic (ties at x.5 round alike); [:steps] drops the
+        # extra element float error adds for some N (e.g. 61 at T = 1000)
+        return torch.from_numpy(np.round(np.arange(T, 0, -T / steps))[:steps] - 1)
     return torch.linspace(T - 1, 0, steps, dtype=torch.float64)  # linspace: fractional, not rounded
 
 

@@ -1,0 +1,332 @@
+"""Training: the KL autoencoder, then the text encoder and denoiser with DDPM's Algorithm 1.
+
+Stage 1 (Rombach et al. 2022, section 3.1) fits the autoencoder with a reconstruction loss and a
+small KL pull of the latent posterior towards N(0, I). Stage 2 encodes the whole dataset once,
+sets the latent scale factor to 1 / std of the latents (LDM appendix G), and trains the denoiser and
+the text encoder jointly on L_simple (objective.py), replacing the caption by the empty prompt
+some of the time so classifier-free guidance has an unconditional model to contrast with.
+
+Runs are resumable: every `save_every` steps the weights, the EMA weights, the optimizer state and
+the random state are written to <out>/<stage>-state.safetensors (safetensors, never pickle), and a
+run started again with the same arguments continues from there. Under torchrun (WORLD_SIZE > 1)
+the modules are wrapped in DistributedDataParallel and each rank draws its own batches.
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .autoencoder import AutoencoderConfig, AutoencoderKL
+from .checkpoint import save_checkpoint
+from .objective import l_simple
+from .schedule import TrainingSchedule
+from .text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, tokenize_weighted
+from .unet import UNetConfig, UNetModel
+
+
+@dataclass
+class RunOptions:
+    """What every stage shares: where to write, how long, how fast, how often to report."""
+
+    out_dir: str
+    steps: int
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup: int = 200
+    seed: int = 0
+    device: str = "cpu"
+    save_every: int = 500
+    log_every: int = 20
+
+
+# --- bookkeeping ------------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of parameters, theta_ema <- d theta_ema + (1 - d) theta."""
+
+    def __init__(self, module, decay):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module, step):
+        d = min(self.decay, (1 + step) / (10 + step))  # shorter memory early on
+        for k, v in module.state_dict().items():
+            self.shadow[k].lerp_(v.float(), 1 - d)
+
+    def copy_to(self, module):
+        module.load_state_dict({k: v.to(p.dtype) for (k, v), p in zip(self.shadow.items(), module.state_dict().values())})
+
+
+class Progress:
+    """One line on stderr: step, smoothed loss, samples per second and time left."""
+
+    def __init__(self, label, total, batch_size, start_step, every):
+        self.label, self.total, self.batch_size, self.every = label, total, batch_size, every
+        self.start_step, self.start_time, self.loss = start_step, time.time(), None
+
+    def update(self, step, loss):
+        self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
+        if step % self.every and step != self.total:
+            return
+        done = step - self.start_step
+        elapsed = max(time.time() - self.start_time, 1e-9)
+        rate = done * self.batch_size / elapsed
+        left = (self.total - step) * elapsed / max(done, 1)
+        print(f"\r{self.label} {step}/{self.total} loss {self.loss:.5f} {rate:.1f} samples/s "
+              f"{left / 60:.1f} min left", end="\n" if step == self.total else "", file=sys.stderr, flush=True)
+
+
+def save_state(path, modules, optimizer, ema, step, generator, info):
+    """Everything a run needs to continue, in one safetensors file (no pickle)."""
+    tensors = {}
+    for name, module in modules.items():
+        tensors.update({f"model.{name}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
+    tensors.update({f"ema.{k}": v.cpu().contiguous() for k, v in ema.shadow.items()})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        for k, v in optimizer.state.get(p, {}).items():
+            tensors[f"optim.{i}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
+    tensors["rng"] = generator.get_state()
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata={"step": str(step), "info": json.dumps(info)})
+    os.replace(tmp, path)  # a crash mid-write never leaves a broken state behind
+
+
+def load_state(path, modules, optimizer, ema, generator, info):
+    """Restore what save_state wrote; returns the step to continue from. Refuses a state written
+    by a run with other settings (the number of steps may grow: that extends a run)."""
+    with safe_open(path, framework="pt") as f:
+        saved, info = json.loads(f.metadata()["info"]), json.loads(json.dumps(info))
+        if saved != info:
+            changed = sorted(k for k in set(saved) | set(info) if saved.get(k) != info.get(k))
+            raise ValueError(f"{path} was written by a run with other settings ({', '.join(changed)}); "
+                             "use another --out folder or the same settings")
+        keys = set(f.keys())
+        for name, module in modules.items():
+            prefix = f"model.{name}."
+            module.load_state_dict({k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)})
+        for k in ema.shadow:
+            ema.shadow[k] = f.get_tensor(f"ema.{k}")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            state = {k.split(".", 2)[2]: f.get_tensor(k).to(p.device) for k in keys if k.startswith(f"optim.{i}.")}
+            if state:
+                optimizer.state[p] = state
+        generator.set_state(f.get_tensor("rng"))
+        return int(f.metadata()["step"])
+
+
+def _distributed():
+    """(rank, world size), initialising the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
+def _wrap(module, device, world):
+    if world > 1:
+        ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    return module
+
+
+def _train_loop(label, opts, modules, loss_fn, info, ema_decay):
+    """The shared loop: AdamW with warmup, EMA, progress, periodic resumable state."""
+    rank, world = _distributed()
+    device = torch.device(opts.device)
+    params = [p for m in modules.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    ema_target = torch.nn.ModuleDict(modules)
+    ema = EMA(ema_target, ema_decay)
+    generator = torch.Generator("cpu").manual_seed(opts.seed * 1000 + rank)
+    state_path = os.path.join(opts.out_dir, f"{label}-state.safetensors")
+    step = 0
+    if os.path.exists(state_path):
+        step = load_state(state_path, modules, optimizer, ema, generator, info)
+        if rank == 0:
+            print(f"{label}: resuming at step {step} from {state_path}", file=sys.stderr)
+    wrapped = {name: _wrap(m, device, world) for name, m in modules.items()}
+    progress = Progress(label, opts.steps, opts.batch_size * world, step, opts.log_every)
+    while step < opts.steps:
+        for group in optimizer.param_groups:  # linear warmup
+            group["lr"] = opts.lr * min(1.0, (step + 1) / max(opts.warmup, 1))
+        loss = loss_fn(wrapped, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        ema.update(ema_target, step)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{label}: the loss became {loss.item()} at step {step}; lower --lr")
+        if rank == 0:
+            progress.update(step, loss.item())
+            if step % opts.save_every == 0 or step == opts.steps:
+                save_state(state_path, modules, optimizer, ema, step, generator, info)
+    return ema, progress.loss
+
+
+# --- stage 1: the autoencoder ----------------------------------------------------------------
+
+class Reconstruction(torch.nn.Module):
+    """x -> (x_hat, KL) through the autoencoder: a forward() for DistributedDataParallel to wrap."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, generator):
+        posterior = self.vae.encode(x)
+        return self.vae.decode(posterior.sample(generator)), posterior.kl()
+
+
+def train_autoencoder(opts, config, images, kl_weight=1e-6, ema_decay=0.999):
+    """Fit the KL autoencoder on uint8 images [N, 3, H, W]: L1 + L2 reconstruction of x in [-1, 1]
+    plus kl_weight * KL(q(z|x) || N(0, I)) per pixel. Returns the EMA autoencoder and its last loss."""
+    os.makedirs(opts.out_dir, exist_ok=True)
+    torch.manual_seed(opts.seed)
+    device = torch.device(opts.device)
+    vae = AutoencoderKL(config).to(device)
+    images = images.to(device)
+
+    def loss_fn(modules, generator):
+        idx = torch.randint(0, len(images), (opts.batch_size,), generator=generator)
+        x = images[idx.to(device)].float() / 127.5 - 1
+        x_hat, kl = modules["reconstruction"](x, generator)
+        return F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x) + kl_weight * kl.mean() / x[0].numel()
+
+    info = {"stage": "autoencoder", "config": config.to_dict(), "batch_size": opts.batch_size,
+            "lr": opts.lr, "seed": opts.seed, "kl_weight": kl_weight, "images": len(images)}
+    modules = {"reconstruction": Reconstruction(vae)}
+    ema, loss = _train_loop("autoencoder", opts, modules, loss_fn, info, ema_decay)
+    ema.copy_to(torch.nn.ModuleDict(modules))
+    return vae.eval(), loss
+
+
+# --- stage 2: text encoder and denoiser -------------------------------------------------------
+
+@torch.no_grad()
+def encode_dataset(vae, images, device, batch_size=256):
+    """Posterior mean and std of every image's latent (unscaled), computed once."""
+    means, stds = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device).float() / 127.5 - 1
+        posterior = vae.encode(x)
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def caption_ids(captions, tokenizer=None):
+    """Token ids [N, 77] of single-chunk captions, and the empty prompt's [77]."""
+    tokenizer = tokenizer or CLIPTokenizer()
+    rows = []
+    for text in captions + [""]:
+        ids, _ = tokenize_weighted(tokenizer, text)
+        if len(ids) != 1:
+            raise ValueError(f"caption longer than 75 tokens: {text!r}")
+        rows.append(ids[0])
+    ids = torch.stack(rows)
+    return ids[:-1], ids[-1]
+
+
+def train_denoiser(opts, vae, unet_config, text_config, images, captions, schedule, prediction="eps",
+                   p_uncond=0.1, ema_decay=0.9995):
+    """Algorithm 1 on latents z = scale * (mean + std * n) of the frozen autoencoder, with the text
+    encoder trained jointly; a caption is replaced by the empty prompt with probability p_uncond.
+    Returns (UNet, text encoder, vae with its scale factor set), all with EMA weights, and the last loss."""
+    os.makedirs(opts.out_dir, exist_ok=True)
+    torch.manual_seed(opts.seed)
+    device = torch.device(opts.device)
+    mean, std = encode_dataset(vae, images, device)
+    scale = 1.0 / float((mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(opts.seed))).std())
+    vae.config.scale_factor = round(scale, 5)
+    mean, std = mean.to(device), std.to(device)
+    ids, empty_ids = caption_ids(captions)
+    ids, empty_ids = ids.to(device), empty_ids.to(device)
+    unet, text = UNetModel(unet_config).to(device), CLIPTextModel(text_config).to(device)
+
+    def loss_fn(modules, generator):
+        idx = torch.randint(0, len(mean), (opts.batch_size,), generator=generator).to(device)
+        noise = torch.randn(mean[idx].shape, generator=generator).to(device)
+        z0 = vae.config.scale_factor * (mean[idx] + std[idx] * noise)
+        drop = (torch.rand(opts.batch_size, generator=generator) < p_uncond).to(device)
+        tokens = torch.where(drop[:, None], empty_ids[None], ids[idx])
+        context = modules["text"](tokens)
+        return l_simple(modules["unet"], z0, schedule, prediction, context, generator)
+
+    info = {"stage": "denoiser", "unet": unet_config.to_dict(), "text": text_config.to_dict(),
+            "schedule": schedule.config, "prediction": prediction, "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed, "p_uncond": p_uncond,
+            "images": len(images), "scale_factor": vae.config.scale_factor}
+    ema, loss = _train_loop("denoiser", opts, {"unet": unet, "text": text}, loss_fn, info, ema_decay)
+    ema.copy_to(torch.nn.ModuleDict({"unet": unet, "text": text}))
+    return unet.eval(), text.eval(), vae, loss
+
+
+def save_model(path, unet, vae, text, schedule, prediction, record):
+    """The shipped file: fp16 weights in our checkpoint format, the training record in its metadata."""
+    save_checkpoint(path, unet, vae, text, schedule, prediction, dtype=torch.float16, extra={"training": record})
+
+
+def load_autoencoder(path):
+    """The stage-1 result written by `save_autoencoder`."""
+    with safe_open(path, framework="pt") as f:
+        config = AutoencoderConfig.from_dict(json.loads(f.metadata()["config"]))
+        vae = AutoencoderKL(config)
+        vae.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+    return vae.eval()
+
+
+def save_autoencoder(path, vae):
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, path,
+              metadata={"config": json.dumps(vae.config.to_dict())})
+
+
+
+# --- the whole recipe -------------------------------------------------------------------------
+
+# The built-in model (models/README.md): 64x64 scenes, an f=4 autoencoder (16x16x4 latents), a
+# two-layer text encoder of width 64 and a three-level UNet with attention at 8x8 and 4x4.
+TINY_AUTOENCODER = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
+TINY_TEXT = CLIPTextConfig(width=64, layers=2, heads=2, mlp_width=256)
+TINY_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
+                       attention_levels=(1, 2), transformer_depth=1, context_dim=64, num_head_channels=32)
+TINY_SCHEDULE = TrainingSchedule("scaled_linear")
+
+
+def train_model(out_dir, images, captions, data_seed, vae_steps, steps, batch_size=64, vae_batch_size=16,
+                lr=2e-4, vae_lr=1e-3, prediction="eps", seed=0, device="cpu", save_every=500):
+    """Stage 1 then stage 2 with the TINY_* configs; writes <out>/autoencoder.safetensors and
+    <out>/model.safetensors, each stage resuming from its saved state. Returns the model's path."""
+    started, rank = time.time(), _distributed()[0]
+    vae_path = os.path.join(out_dir, "autoencoder.safetensors")
+    if os.path.exists(vae_path):
+        vae, vae_loss = load_autoencoder(vae_path), None
+        print(f"autoencoder: using {vae_path}", file=sys.stderr)
+    else:
+        opts = RunOptions(out_dir, vae_steps, vae_batch_size, vae_lr, seed=seed, device=device, save_every=save_every)
+        vae, vae_loss = train_autoencoder(opts, TINY_AUTOENCODER, images)
+        if rank == 0:
+            save_autoencoder(vae_path, vae)
+    opts = RunOptions(out_dir, steps, batch_size, lr, seed=seed, device=device, save_every=save_every)
+    unet, text, vae, loss = train_denoiser(opts, vae.to(device), TINY_UNET, TINY_TEXT, images, captions,
+                                           TINY_SCHEDULE, prediction)
+    path = os.path.join(out_dir, "model.safetensors")
+    if rank == 0:
+        record = {"data_seed": data_seed, "images": len(images), "vae_steps": vae_steps, "vae_batch_size": vae_batch_size,
+                  "vae_lr": vae_lr, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "device": device,
+                  "final_autoencoder_loss": vae_loss, "final_denoiser_loss": loss,
+                  "wall_time_s_this_run": round(time.time() - started)}
+        save_model(path, unet, vae, text, TINY_SCHEDULE, prediction, record)
+        with open(os.path.join(out_dir, "record.json"), "w") as f:
+            json.dump(record, f, indent=2)
+    return path

@@ -3,8 +3,19 @@
 ComfyUI imports this folder as a custom-node package; `pip install -e .` installs the same
 folder as the package `ldm_nodes`. Imports inside the pack are relative, so both work.
 """
+from . import model_paths
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 WEB_DIRECTORY = "./web"
+
+try:  # inside ComfyUI: the model folder and the schedule route for the web panel
+    from server import PromptServer
+except ImportError:
+    PromptServer = None
+if getattr(PromptServer, "instance", None) is not None:
+    from .routes import add_routes
+
+    model_paths.register_comfy_folders()
+    add_routes(PromptServer.instance.routes)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

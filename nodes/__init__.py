@@ -1,3 +1,26 @@
 """ComfyUI node classes (V1 API): input declarations and one call into core/ each."""
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+from .latent import LDMDecodeLatent, LDMEmptyLatent, LDMEncodeImage
+from .loader import LDMLoadModel
+from .sample import LDMSample
+from .schedule import LDMNoiseSchedule
+from .text import LDMEncodeText
+
+NODE_CLASS_MAPPINGS = {
+    "LDMLoadModel": LDMLoadModel,
+    "LDMEncodeText": LDMEncodeText,
+    "LDMNoiseSchedule": LDMNoiseSchedule,
+    "LDMEmptyLatent": LDMEmptyLatent,
+    "LDMEncodeImage": LDMEncodeImage,
+    "LDMSample": LDMSample,
+    "LDMDecodeLatent": LDMDecodeLatent,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LDMLoadModel": "Load Model (LDM)",
+    "LDMEncodeText": "Encode Text (LDM)",
+    "LDMNoiseSchedule": "Noise Schedule (LDM)",
+    "LDMEmptyLatent": "Empty Latent (LDM)",
+    "LDMEncodeImage": "Encode Image (LDM)",
+    "LDMSample": "Sample (LDM)",
+    "LDMDecodeLatent": "Decode Latent (LDM)",
+}

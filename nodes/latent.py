@@ -1,0 +1,60 @@
+"""LDMEmptyLatent, LDMEncodeImage, LDMDecodeLatent: between images and the autoencoder's latents."""
+from ..core.pipeline import decode_latent, empty_latent, encode_image
+
+
+class LDMEmptyLatent:
+    DESCRIPTION = "An empty (all-zero) latent batch of the size the autoencoder maps to width x height images."
+    CATEGORY = "latent diffusion"
+    FUNCTION = "make"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Zeros [batch, channels, height / f, width / f] (ComfyUI's LATENT).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        size = {"default": 64, "min": 8, "max": 4096, "step": 8}
+        return {"required": {
+            "vae": ("LDM_VAE", {"tooltip": "The autoencoder that sets the latent's channels and downsampling f."}),
+            "width": ("INT", {**size, "tooltip": "Image width in pixels, a multiple of the autoencoder's f."}),
+            "height": ("INT", {**size, "tooltip": "Image height in pixels, a multiple of the autoencoder's f."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per batch."}),
+        }}
+
+    def make(self, vae, width, height, batch_size):
+        return ({"samples": empty_latent(vae.core, width, height, batch_size)},)
+
+
+class LDMEncodeImage:
+    DESCRIPTION = ("Encodes images to latents with the autoencoder (the posterior mean, so the same image gives "
+                   "the same latent): the start of image-to-image with LDMSample's denoise below 1.")
+    CATEGORY = "latent diffusion"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The images' latents (unscaled, as ComfyUI keeps them).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("LDM_VAE", {"tooltip": "The autoencoder from LDMLoadModel."}),
+            "image": ("IMAGE", {"tooltip": "Images whose sides are multiples of the autoencoder's f."}),
+        }}
+
+    def encode(self, vae, image):
+        return ({"samples": encode_image(vae.get(), image)},)
+
+
+class LDMDecodeLatent:
+    DESCRIPTION = "Decodes latents to images with the autoencoder (tiled for large images)."
+    CATEGORY = "latent diffusion"
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("Images [batch, height, width, 3] in 0..1.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("LDM_VAE", {"tooltip": "The autoencoder from LDMLoadModel."}),
+            "samples": ("LATENT", {"tooltip": "Latents from LDMSample or LDMEncodeImage."}),
+        }}
+
+    def decode(self, vae, samples):
+        return (decode_latent(vae.get(), samples["samples"]),)

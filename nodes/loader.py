@@ -1,0 +1,105 @@
+"""LDMLoadModel: a single-file checkpoint -> model, text encoder, autoencoder."""
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .. import model_paths
+from ..core.checkpoint import load_checkpoint
+from ..core.pipeline import DiffusionModel, TextEncoder
+from ..core.preview import fit_latent_to_rgb
+from ..core.text import CLIPTokenizer
+from . import host
+
+PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Loaded:
+    """One part of a loaded model as it travels between nodes: the core object, the handle the
+    host's memory manager moves around, and the model's name."""
+
+    core: object
+    handle: object
+    name: str
+
+    def get(self):
+        """The core object, with its module on the device."""
+        host.use(self.handle)
+        return self.core
+
+
+@dataclass
+class LoadedModel(Loaded):
+    vae: object = None  # the model's autoencoder part, for previews
+    _latent_to_rgb: tuple = None
+
+    def latent_to_rgb(self):
+        if self._latent_to_rgb is None:
+            self._latent_to_rgb = fit_latent_to_rgb(self.vae.get())
+        return self._latent_to_rgb
+
+
+def precision_dtypes(precision, device):
+    """(dtype, vae dtype): auto is fp32 on the CPU and fp16 elsewhere, the autoencoder kept in fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return (torch.float32, torch.float32) if torch.device(device).type == "cpu" else (torch.float16, torch.float32)
+    return _DTYPES[precision], _DTYPES[precision]
+
+
+# Loaded models stay shared while anything (ComfyUI's output cache, a running graph) holds them.
+_cache = weakref.WeakValueDictionary()
+
+
+class _Bundle:
+    def __init__(self, parts):
+        self.parts = parts
+
+
+def load_model(ckpt_name, precision):
+    path = model_paths.resolve_model(ckpt_name)
+    device = host.device()
+    dtype, vae_dtype = precision_dtypes(precision, device)
+    key = (str(path), os.path.getmtime(path), precision, str(device))
+    bundle = _cache.get(key)
+    if bundle is None:
+        ck = load_checkpoint(path, dtype=dtype, vae_dtype=vae_dtype, device="cpu" if host.in_comfyui() else device)
+        vae = Loaded(ck.vae, host.managed(ck.vae), ckpt_name)
+        model = LoadedModel(DiffusionModel(ck.unet, ck.schedule, ck.prediction, ck.vae.config.scale_factor,
+                                           ck.vae.config.embed_dim), host.managed(ck.unet), ckpt_name, vae)
+        text = Loaded(TextEncoder(ck.text_encoder, CLIPTokenizer()), host.managed(ck.text_encoder), ckpt_name)
+        bundle = _Bundle((model, text, vae))
+        _cache[key] = bundle
+    return bundle.parts
+
+
+class LDMLoadModel:
+    DESCRIPTION = ("Loads a latent diffusion checkpoint (.safetensors: this pack's built-in models, or a "
+                   "Stable Diffusion 1.x file from models/ldm or models/checkpoints) and splits it into the "
+                   "denoising model, the CLIP text encoder and the KL autoencoder (VAE).")
+    CATEGORY = "latent diffusion"
+    FUNCTION = "load"
+    RETURN_TYPES = ("LDM_MODEL", "LDM_TEXT_ENCODER", "LDM_VAE")
+    RETURN_NAMES = ("model", "text_encoder", "vae")
+    OUTPUT_TOOLTIPS = ("The denoising UNet with its training noise schedule and prediction type.",
+                       "The CLIP text encoder and its tokenizer.",
+                       "The KL autoencoder that maps images to latents and back.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "ckpt_name": (model_paths.list_models(), {
+                "tooltip": "Model file. builtin/ models ship with the pack; others come from models/ldm and "
+                           "models/checkpoints. Only .safetensors files are read (pickles are refused)."}),
+            "precision": (PRECISIONS, {
+                "default": "auto",
+                "tooltip": "Weights' precision. auto: fp32 on the CPU; fp16 on a GPU with the autoencoder in "
+                           "fp32 (fp16 autoencoders can overflow into black images)."}),
+        }}
+
+    def load(self, ckpt_name, precision):
+        return load_model(ckpt_name, precision)

@@ -1,0 +1,75 @@
+"""LDMSample: denoise a latent, with guidance, along a schedule."""
+from ..core.pipeline import run_sigmas, sample
+from ..core.preview import latent_preview
+from ..core.samplers import SAMPLERS
+from . import host
+
+DDPM_VARIANCES = ["beta_tilde", "beta"]
+
+
+class LDMSample:
+    DESCRIPTION = ("Runs the reverse diffusion: starts from noise (an empty latent) or from a given latent "
+                   "(denoise below 1: image-to-image) and steps through the schedule's sigmas with the chosen "
+                   "sampler and classifier-free guidance. All noise comes from a CPU generator seeded with "
+                   "`seed`, so a seed gives the same image on CPU and GPU.")
+    CATEGORY = "latent diffusion"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent (decode it with LDMDecodeLatent).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("LDM_MODEL", {"tooltip": "The model from LDMLoadModel."}),
+                "schedule": ("LDM_SCHEDULE", {"tooltip": "The schedule from LDMNoiseSchedule."}),
+                "positive": ("LDM_CONDITIONING", {"tooltip": "What the image should show."}),
+                "negative": ("LDM_CONDITIONING", {"tooltip": "What guidance steers away from; the empty prompt "
+                                                             "is the usual choice."}),
+                "latent": ("LATENT", {"tooltip": "LDMEmptyLatent for text-to-image, LDMEncodeImage for "
+                                                 "image-to-image."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Seed of the CPU generator all noise is drawn from."}),
+                "sampler_name": (list(SAMPLERS), {
+                    "default": "dpmpp_2m",
+                    "tooltip": "ddpm: DDPM's ancestral sampling. ddim: DDIM (eta 0 deterministic). euler, heun: "
+                               "Karras' ODE steps. euler_ancestral, dpmpp_2m_sde: stochastic. dpmpp_2m: DPM-Solver++(2M). "
+                               "plms: pseudo linear multistep."}),
+                "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance scale; 1 turns guidance off."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "1: from pure noise. Below 1: the last denoise fraction of a "
+                                                 "longer schedule, starting from the given latent."}),
+            },
+            "optional": {
+                "sigmas": ("SIGMAS", {"tooltip": "When linked, replaces the schedule's sigmas (descending, ending "
+                                                 "at 0); denoise must then be 1."}),
+                "eta": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 2.0, "step": 0.01,
+                                  "tooltip": "Noise of stochastic samplers; -1 keeps the sampler's default (0 for "
+                                             "ddim; 1 for ddpm, euler_ancestral, dpmpp_2m_sde)."}),
+                "guidance_rescale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                               "tooltip": "Rescale the guided prediction's spread towards the "
+                                                          "conditional one (Lin et al. 2023); 0.7 with "
+                                                          "zero_terminal_snr."}),
+                "ddpm_variance": (DDPM_VARIANCES, {"default": "beta_tilde",
+                                                   "tooltip": "ddpm only: the fixed reverse variance, the "
+                                                              "posterior's beta-tilde or beta."}),
+            },
+        }
+
+    def sample(self, model, schedule, positive, negative, latent, seed, sampler_name, cfg, denoise,
+               sigmas=None, eta=-1.0, guidance_rescale=0.0, ddpm_variance="beta_tilde"):
+        core = model.get()
+        run = run_sigmas(core, schedule, denoise, sigmas)
+        progress = host.Progress(len(run) - 1)
+        scale = core.scale_factor
+
+        def callback(step):
+            preview = None
+            if host.in_comfyui():
+                preview = latent_preview(step["denoised"] / scale, model.latent_to_rgb())
+            progress.update(step["i"] + 1, preview)
+
+        out = sample(core, latent["samples"], positive, negative, seed, sampler_name, cfg, run, guidance_rescale,
+                     eta, ddpm_variance, callback)
+        return ({**latent, "samples": out},)

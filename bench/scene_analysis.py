@@ -25,31 +25,21 @@ defines (its module docstring) and is tolerant of the blur and noise of a small 
    it) as an offset from the canvas center, nearest of the regions POSITION_BOXES.
 
 Every decision is "nearest prototype or region", with margin 1 - d_nearest / d_second (1: squarely
-in, 0: on the fence); `confidence` is the smallest margin of the five. Only numpy and Pillow are
-used, so this file also runs on its own; the tests keep its tables equal to core/data.py's.
+in, 0: on the fence); `confidence` is the smallest margin of the five. The color and span tables
+are core/data.py's own.
 """
 import math
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-COLOR_RGB = {
-    "red": (220, 30, 30),
-    "orange": (240, 125, 20),
-    "yellow": (245, 225, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "purple": (140, 50, 190),
-    "white": (240, 240, 240),
-    "black": (20, 20, 20),
-}
-SIZE_SPANS = {"small": (12.0, 20.0), "large": (26.0, 36.0)}
+from ldm_nodes.core.data import COLOR_RGB, RESOLUTION, SIZE_SPANS
+
 # |c3| / A^2.5 of an equilateral triangle: c3 = A R^3 / 10 (R: centroid-to-vertex), A = 3 sqrt(3) R^2 / 4.
 TRIANGLE_C3 = (4 / (3 * math.sqrt(3))) ** 1.5 / 10
 SQUARE_C4 = 1 / 60  # |c4| / A^3 of a square: (16 / 15) h^6 / (2 h)^6 for half-side h
 SHAPE_FEATURES = {"triangle": (1.0, 0.0), "square": (0.0, 1.0), "circle": (0.0, 0.0)}  # (|c3|, |c4|) scaled
 
-RESOLUTION = 64
 # (x_min, x_max, y_min, y_max) of the bounding box center's offset from the canvas center, per
 # position: core/data.py keeps a centered shape within JITTER = 3 px and puts the others 1..3 px from
 # an edge, which with spans of 12..36 px (triangles are 0.87 span tall) is 11..26 px off center.

@@ -59,15 +59,16 @@ class LDMSample:
 
     def sample(self, model, schedule, positive, negative, latent, seed, sampler_name, cfg, denoise,
                sigmas=None, eta=-1.0, guidance_rescale=0.0, ddpm_variance="beta_tilde"):
+        # the preview map needs the autoencoder: fit it before the UNet is loaded, not mid-sampling
+        latent_to_rgb = model.latent_to_rgb() if host.in_comfyui() else None
         core = model.get()
         run = run_sigmas(core, schedule, denoise, sigmas)
         progress = host.Progress(len(run) - 1)
-        scale = core.scale_factor
 
         def callback(step):
             preview = None
-            if host.in_comfyui():
-                preview = latent_preview(step["denoised"] / scale, model.latent_to_rgb())
+            if latent_to_rgb is not None:
+                preview = latent_preview(step["denoised"] / core.scale_factor, latent_to_rgb)
             progress.update(step["i"] + 1, preview)
 
         out = sample(core, latent["samples"], positive, negative, seed, sampler_name, cfg, run, guidance_rescale,

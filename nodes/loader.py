@@ -51,13 +51,9 @@ def precision_dtypes(precision, device):
     return _DTYPES[precision], _DTYPES[precision]
 
 
-# Loaded models stay shared while anything (ComfyUI's output cache, a running graph) holds them.
+# Loaded models stay shared while anything (ComfyUI's output cache, a running graph) holds them:
+# (key, part index) -> part, held weakly, so the returned parts themselves keep their entries alive.
 _cache = weakref.WeakValueDictionary()
-
-
-class _Bundle:
-    def __init__(self, parts):
-        self.parts = parts
 
 
 def load_model(ckpt_name, precision):
@@ -65,16 +61,17 @@ def load_model(ckpt_name, precision):
     device = host.device()
     dtype, vae_dtype = precision_dtypes(precision, device)
     key = (str(path), os.path.getmtime(path), precision, str(device))
-    bundle = _cache.get(key)
-    if bundle is None:
+    parts = tuple(_cache.get((key, i)) for i in range(3))
+    if any(part is None for part in parts):
         ck = load_checkpoint(path, dtype=dtype, vae_dtype=vae_dtype, device="cpu" if host.in_comfyui() else device)
         vae = Loaded(ck.vae, host.managed(ck.vae), ckpt_name)
         model = LoadedModel(DiffusionModel(ck.unet, ck.schedule, ck.prediction, ck.vae.config.scale_factor,
                                            ck.vae.config.embed_dim), host.managed(ck.unet), ckpt_name, vae)
         text = Loaded(TextEncoder(ck.text_encoder, CLIPTokenizer()), host.managed(ck.text_encoder), ckpt_name)
-        bundle = _Bundle((model, text, vae))
-        _cache[key] = bundle
-    return bundle.parts
+        parts = (model, text, vae)
+        for i, part in enumerate(parts):
+            _cache[(key, i)] = part
+    return parts
 
 
 class LDMLoadModel:

@@ -29,14 +29,6 @@ from ldm_nodes.nodes import (
 PACK = Path(ldm_nodes.__file__).resolve().parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---------------------------------------------------------------------------------------------
 # The contract, written out from ARCHITECTURE.md section 2. Saved workflows are positional, so

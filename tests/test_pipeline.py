@@ -22,14 +22,6 @@ from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ldm_nodes.core.unet import UNetConfig, UNetModel
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 SCALE = 0.18215
 SHAPE = (2, 4, 6, 6)

@@ -23,13 +23,6 @@ def data():
     return images[:, :, ::2, ::2].contiguous(), captions  # 32x32 keeps the test fast
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def options(tmp_path, steps, **kw):
     return train.RunOptions(str(tmp_path), steps, batch_size=8, lr=1e-3, warmup=5, save_every=5, log_every=100, **kw)

@@ -124,6 +124,14 @@ def load_state(path, modules, optimizer, ema, generator, info):
         return int(f.metadata()["step"])
 
 
+def learning_rate(opts, step):
+    """Linear warmup over opts.warmup steps, then a cosine decay to a tenth of opts.lr at opts.steps."""
+    if step < opts.warmup:
+        return opts.lr * (step + 1) / opts.warmup
+    progress = min(1.0, (step - opts.warmup) / max(opts.steps - opts.warmup, 1))
+    return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def _distributed():
     """(rank, world size), initialising the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -140,7 +148,7 @@ def _wrap(module, device, world):
 
 
 def _train_loop(label, opts, modules, loss_fn, info, ema_decay):
-    """The shared loop: AdamW with warmup, EMA, progress, periodic resumable state."""
+    """The shared loop: AdamW on `learning_rate`, EMA, progress, periodic resumable state."""
     rank, world = _distributed()
     device = torch.device(opts.device)
     params = [p for m in modules.values() for p in m.parameters()]
@@ -157,8 +165,8 @@ def _train_loop(label, opts, modules, loss_fn, info, ema_decay):
     wrapped = {name: _wrap(m, device, world) for name, m in modules.items()}
     progress = Progress(label, opts.steps, opts.batch_size * world, step, opts.log_every)
     while step < opts.steps:
-        for group in optimizer.param_groups:  # linear warmup
-            group["lr"] = opts.lr * min(1.0, (step + 1) / max(opts.warmup, 1))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(opts, step)
         loss = loss_fn(wrapped, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

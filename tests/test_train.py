@@ -113,3 +113,12 @@ def test_saved_model_loads_with_its_record(tmp_path, data):
 def test_long_captions_are_refused():
     with pytest.raises(ValueError, match="longer than 75 tokens"):
         train.caption_ids(["word " * 80])
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    opts = train.RunOptions("unused", steps=1000, lr=1.0, warmup=100)
+    rates = [train.learning_rate(opts, step) for step in range(1000)]
+    assert rates[0] == pytest.approx(0.01) and rates[99] == pytest.approx(1.0)
+    assert rates[550] == pytest.approx(0.55, abs=0.01)  # halfway through the decay: 0.1 + 0.9 / 2
+    assert rates[-1] == pytest.approx(0.1, abs=1e-4)
+    assert all(a >= b for a, b in zip(rates[100:], rates[101:]))

@@ -70,7 +70,7 @@ def normal_kl(mean1, var1, mean2, var2):
 
 def prior_kl(x0, schedule):
     """L_T = KL(q(x_T | x_0) || N(0, I)), per sample. No parameters: small for a good schedule."""
-    ab = schedule.alpha_bar[-1].to(x0.dtype)
+    ab = schedule.alpha_bar[-1].to(x0.device, x0.dtype)
     return _sum(normal_kl(ab.sqrt() * x0, (1 - ab).expand_as(x0), torch.zeros_like(x0), torch.ones_like(x0)))
 
 

@@ -127,7 +127,8 @@ def data(n, shape, seed):
     return M + S * torch.randn(n, *shape, generator=g, dtype=F64)
 
 
-SCHEDULES = {"linear_betas": linear_beta_schedule(50), "zero_snr": TrainingSchedule("linear", 50, zero_terminal_snr=True)}
+SCHEDULES = {"linear_betas": linear_beta_schedule(50),
+             "zero_snr": TrainingSchedule("linear", 50, zero_terminal_snr=True)}
 
 
 @pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
@@ -165,7 +166,8 @@ def test_discrete_decoder_at_given_x0_and_x1():
     g = torch.Generator().manual_seed(4)
     k = torch.tensor([0, 255, 1, 254, 127, 128, 40, 0, 255, 200, 3, 90], dtype=F64)
     x0 = (k / 255 * 2 - 1).reshape(3, 1, 2, 2)
-    x1 = ab_all[0].sqrt() * x0 + (1 - ab_all[0]).sqrt() * torch.randn(x0.shape, generator=g, dtype=F64) * 1.5  # bins above 1e-12
+    # noise at 1.5x its scale keeps every bin probability above the decoder's 1e-12 floor
+    x1 = ab_all[0].sqrt() * x0 + 1.5 * (1 - ab_all[0]).sqrt() * torch.randn(x0.shape, generator=g, dtype=F64)
     terms = lik.bound_terms(net, x0, x1, torch.zeros(3, dtype=torch.long), schedule, "eps", discrete=True)
     mean, std = posterior_mean(x1, ab_all[0], M, S), math.sqrt(decoder_variance(ab_all))
     upper = torch.where(x0 == 1, 1.0, torch.special.ndtr((x0 + 1 / 255 - mean) / std))
@@ -265,7 +267,8 @@ def test_expected_bound_stays_above_entropy_and_the_gap_shrinks_with_T():
                                       "x0", discrete=False, timesteps=2).prior.mean()
         bound = prior + terms.sum()
         dev2 = torch.tensor(S**2, dtype=F64)
-        closed = oracle_prior(M**2 + S**2, ab[-1].item()) + sum(expected_term(j, dev2, ab, "beta_tilde") for j in range(T))
+        closed = oracle_prior(M**2 + S**2, ab[-1].item()) + sum(expected_term(j, dev2, ab, "beta_tilde")
+                                                                 for j in range(T))
         assert bound.item() == pytest.approx(closed.item(), rel=1e-6)
         gaps.append(bound.item() - entropy)
     assert all(gap > 0 for gap in gaps), gaps
@@ -281,7 +284,8 @@ def test_full_bound_is_the_sum_of_its_terms_and_independent_of_batching():
     context = torch.randn(3, 5, 8, generator=g, dtype=F64)
 
     def net(x_t, t, ctx):
-        return 0.5 * torch.tanh(1.3 * x_t + t.to(x_t.dtype).reshape(-1, 1, 1, 1) / 7) + ctx.mean((1, 2)).reshape(-1, 1, 1, 1)
+        shift = ctx.mean((1, 2)).reshape(-1, 1, 1, 1)
+        return 0.5 * torch.tanh(1.3 * x_t + t.to(x_t.dtype).reshape(-1, 1, 1, 1) / 7) + shift
 
     results = [lik.variational_bound(net, x0, schedule, "eps", context, generator=torch.Generator().manual_seed(13),
                                      batch_size=batch) for batch in (1, 1000)]

@@ -1,6 +1,6 @@
 """Prompt adherence of a shapes model: generate from held-out captions, read the images back.
 
-    python bench/adherence.py [--model builtin/tiny-shapes.safetensors] [--cfg 4] [--seeds 3] [--json FILE]
+    python bench/adherence.py [--model builtin/tiny-shapes.safetensors] [--cfg 5] [--seeds 3] [--json FILE]
 
 For every caption of core/data.held_out_captions(seed) (every color, background, shape, position and
 size at least once) and each of --seeds seeds, one 64x64 image is sampled with 20-step dpmpp_2m on
@@ -65,7 +65,7 @@ def evaluate(checkpoint, cfg, seeds, caption_seed=CAPTION_SEED):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin/tiny-shapes.safetensors")
-    parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--json", help="write scores and per-image records here")
     args = parser.parse_args()

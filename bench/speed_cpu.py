@@ -50,7 +50,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin/tiny-shapes.safetensors")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--cfg", type=float, default=5.0)
     args = parser.parse_args()
     ck = load_checkpoint(resolve_model(args.model) if args.model.startswith("builtin/") else args.model)
     vae, tokenizer = ck.vae, CLIPTokenizer()

@@ -38,8 +38,7 @@ def generate(checkpoint, captions, seed, cfg, steps=20, size=64, sampler="dpmpp_
         cond = torch.cat([encode_prompt(tokenizer, checkpoint.text_encoder, c) for c in captions])
         uncond = encode_prompt(tokenizer, checkpoint.text_encoder, "")
     vae = checkpoint.vae
-    model = DiffusionModel(checkpoint.unet, checkpoint.schedule, checkpoint.prediction, vae.config.scale_factor,
-                           vae.config.embed_dim)
+    model = DiffusionModel.from_checkpoint(checkpoint)
     f = vae.config.f
     latent = torch.zeros(len(captions), vae.config.embed_dim, size // f, size // f)
     sigmas = ScheduleSpec("model", steps, "karras").sigmas(checkpoint.schedule)

@@ -54,7 +54,7 @@ def main():
     args = parser.parse_args()
     ck = load_checkpoint(resolve_model(args.model) if args.model.startswith("builtin/") else args.model)
     vae, tokenizer = ck.vae, CLIPTokenizer()
-    model = DiffusionModel(ck.unet, ck.schedule, ck.prediction, vae.config.scale_factor, vae.config.embed_dim)
+    model = DiffusionModel.from_checkpoint(ck)
     sigmas = ScheduleSpec("model", 20, "karras").sigmas(ck.schedule)
     latent = torch.zeros(1, vae.config.embed_dim, 64 // vae.config.f, 64 // vae.config.f)
 

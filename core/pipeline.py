@@ -26,6 +26,12 @@ class DiffusionModel:
     scale_factor: float
     latent_channels: int
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        """The UNet of a loaded checkpoint with its schedule, prediction and its autoencoder's latent scale."""
+        vae = checkpoint.vae.config
+        return cls(checkpoint.unet, checkpoint.schedule, checkpoint.prediction, vae.scale_factor, vae.embed_dim)
+
 
 @dataclass
 class TextEncoder:

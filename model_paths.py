@@ -9,9 +9,10 @@ a name that resolves outside every folder ('../', absolute paths, links out) is 
 import os
 from pathlib import Path
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "models"
-BUILTIN_PREFIX = "builtin/"
+from .core.checkpoint import BUILTIN_DIR, BUILTIN_PREFIX
+
 EXTENSION = ".safetensors"
+DEFAULT_MODEL = "tiny-shapes.safetensors"
 FOLDER_KINDS = ("ldm", "checkpoints")
 
 _model_dirs = []
@@ -42,7 +43,9 @@ def set_model_dirs(dirs):
 
 
 def builtin_models():
-    return sorted(BUILTIN_PREFIX + p.name for p in BUILTIN_DIR.glob("*" + EXTENSION)) if BUILTIN_DIR.is_dir() else []
+    """builtin/<file> names, the default model (DEFAULT_MODEL) first."""
+    names = sorted(p.name for p in BUILTIN_DIR.glob("*" + EXTENSION)) if BUILTIN_DIR.is_dir() else []
+    return [BUILTIN_PREFIX + n for n in sorted(names, key=lambda n: n != DEFAULT_MODEL)]
 
 
 def _user_dirs():

@@ -64,7 +64,7 @@ def measure(path, dtype_name):
     seconds = time.perf_counter() - start
     done.set()
     thread.join()
-    weights = sum(p.numel() * p.element_size() for m in (ck.unet, ck.vae, ck.text_encoder) for p in m.parameters())
+    weights = sum(p.numel() * p.element_size() for m in (ck.denoiser, ck.vae, ck.text_encoder) for p in m.parameters())
     print(json.dumps({"peak_anon_gb": (max(peak[0], rss_anon()) - base) / GB, "weights_gb": weights / GB,
                       "seconds": seconds}))
 

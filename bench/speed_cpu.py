@@ -65,14 +65,14 @@ def main():
         decode_latent(vae, sample(model, latent, cond, uncond, 0, "dpmpp_2m", args.cfg, sigmas))
 
     torch.manual_seed(0)
-    reference = diffusers_unet(ck.unet.config)
+    reference = diffusers_unet(ck.denoiser.config)
     x = torch.randn(2, *latent.shape[1:])
     t = torch.full((2,), 500.0)
-    context = torch.randn(2, 77, ck.unet.config.context_dim)
+    context = torch.randn(2, 77, ck.denoiser.config.context_dim)
 
     def ours():
         with torch.inference_mode():
-            ck.unet(x, t, context)
+            ck.denoiser(x, t, context)
 
     def theirs():
         with torch.inference_mode():

@@ -10,7 +10,11 @@ checkpoint, prefix stripped), so SD weights load without a rename table:
     decoder.conv_in, decoder.mid.*, decoder.up.i.{block.j, attn.j, upsample.conv}, decoder.norm_out, decoder.conv_out
 
 Latents here are *unscaled*: the caller multiplies by `config.scale_factor` before diffusion and divides after.
+
+`IdentityAutoencoder` is the pixel-space special case (f = 1, z = x), so pixel diffusion runs through
+the same nodes, trainer and samplers.
 """
+import itertools
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -48,6 +52,37 @@ class AutoencoderConfig:
     @classmethod
     def from_dict(cls, d):
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass
+class IdentityConfig:
+    """Pixel space as a special case of latent space: z = x, f = 1, no weights (DDPM's own setting:
+    images in [-1, 1], Ho et al. 2020 section 4). The fields mirror AutoencoderConfig's."""
+    channels: int = 3
+    kind: str = "identity"
+
+    f = 1
+    scale_factor = 1.0
+
+    @property
+    def embed_dim(self):
+        return self.channels
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def autoencoder_config_from_dict(d):
+    """AutoencoderConfig or IdentityConfig from a checkpoint's metadata."""
+    if d.get("kind") == "identity":
+        return IdentityConfig(**d)
+    return AutoencoderConfig.from_dict(d)
+
+
+def placement(module):
+    """(device, dtype) of a module's first parameter or buffer."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()))
+    return tensor.device, tensor.dtype
 
 
 def infer_autoencoder_config(shapes, scale_factor=0.18215):
@@ -316,3 +351,37 @@ def blend_weights(size, tile, overlap, f):
     ramps = [((centres - c) / (f * overlap) + 0.5).clamp(0, 1) for c in seams]
     steps = [torch.ones_like(centres)] + ramps + [torch.zeros_like(centres)]
     return [(s, (steps[i] - steps[i + 1])[f * s:f * (s + t)]) for i, s in enumerate(starts)]
+
+
+class PointMass:
+    """The identity autoencoder's posterior: all mass on x (mean x, std 0)."""
+
+    def __init__(self, x):
+        self.mean, self.std = x, torch.zeros_like(x)
+
+    def sample(self, generator=None):
+        return self.mean
+
+    def mode(self):
+        return self.mean
+
+
+class IdentityAutoencoder(nn.Module):
+    """encode(x) = decode(x) = x: what the nodes, the trainer and the likelihood see as pixel space."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = config or IdentityConfig()
+        # no weights; an empty buffer so the module has a device and dtype that .to() moves
+        self.register_buffer("anchor", torch.zeros(0), persistent=False)
+
+    def encode(self, x):
+        if x.shape[1] != self.config.channels:
+            raise ValueError(f"image has {x.shape[1]} channels; this pixel-space model takes {self.config.channels}")
+        return PointMass(x)
+
+    def decode(self, z):
+        return z
+
+    def decode_tiled(self, z, tile=64, overlap=16):
+        return z

@@ -224,6 +224,15 @@ def make_dataset(n, seed):
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [caption(s) for s in scenes]
 
 
+def downsample(images, size):
+    """uint8 images [N, 3, 64, 64] box-filtered to size x size (size divides 64): every word of the
+    caption keeps its meaning, each length in pixels scaled by size / 64."""
+    k = images.shape[-1] // size
+    if k * size != images.shape[-1]:
+        raise ValueError(f"resolution {size} does not divide the scenes' {images.shape[-1]} pixels")
+    return torch.nn.functional.avg_pool2d(images.float(), k).round().to(torch.uint8)
+
+
 def held_out_captions(seed):
     """EVAL_CAPTIONS distinct captions for evaluation, covering every size, color, shape, position and
     background at least once (each color 5 times as color and 5 times as background).

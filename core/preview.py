@@ -9,14 +9,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .autoencoder import placement
+
 
 @torch.no_grad()
 def fit_latent_to_rgb(vae, size=16, samples=4, seed=0):
     """(A [C, 3], b [3]) mapping unscaled latents to RGB in [-1, 1]."""
-    param = next(vae.parameters())
+    device, dtype = placement(vae)
     g = torch.Generator("cpu").manual_seed(seed)
     z = torch.randn(samples, vae.config.embed_dim, size, size, generator=g)
-    x = vae.decode(z.to(param.device, param.dtype)).float().cpu()
+    x = vae.decode(z.to(device, dtype)).float().cpu()
     rgb = F.avg_pool2d(x, vae.config.f)  # [S, 3, size, size]
     design = torch.cat([z.movedim(1, -1).reshape(-1, z.shape[1]), torch.ones(z[:, :1].numel(), 1)], 1)
     solution = torch.linalg.lstsq(design.double(), rgb.movedim(1, -1).reshape(-1, 3).double()).solution.float()

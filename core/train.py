@@ -11,23 +11,26 @@ the random state are written to <out>/<stage>-state.safetensors (safetensors, ne
 run started again with the same arguments continues from there. Under torchrun (WORLD_SIZE > 1)
 the modules are wrapped in DistributedDataParallel and each rank draws its own batches.
 """
+import copy
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .autoencoder import AutoencoderConfig, AutoencoderKL
-from .checkpoint import save_checkpoint
+from .autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder
+from .checkpoint import BUILTIN_PREFIX, load_checkpoint, save_checkpoint
+from .likelihood import variational_bound
 from .objective import l_simple
 from .schedule import TrainingSchedule
 from .text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, tokenize_weighted
+from .transformer import TransformerConfig, TransformerModel
 from .unet import UNetConfig, UNetModel
 
 
@@ -147,8 +150,9 @@ def _wrap(module, device, world):
     return module
 
 
-def _train_loop(label, opts, modules, loss_fn, info, ema_decay):
-    """The shared loop: AdamW on `learning_rate`, EMA, progress, periodic resumable state."""
+def _train_loop(label, opts, modules, loss_fn, info, ema_decay, on_save=None):
+    """The shared loop: AdamW on `learning_rate`, EMA, progress, periodic resumable state;
+    on_save(step) runs after each save (rank 0)."""
     rank, world = _distributed()
     device = torch.device(opts.device)
     params = [p for m in modules.values() for p in m.parameters()]
@@ -180,6 +184,8 @@ def _train_loop(label, opts, modules, loss_fn, info, ema_decay):
             progress.update(step, loss.item())
             if step % opts.save_every == 0 or step == opts.steps:
                 save_state(state_path, modules, optimizer, ema, step, generator, info)
+                if on_save:
+                    on_save(step)
     return ema, progress.loss
 
 
@@ -220,6 +226,45 @@ def train_autoencoder(opts, config, images, kl_weight=1e-6, ema_decay=0.999):
     return vae.eval(), loss
 
 
+class Decoding(torch.nn.Module):
+    """z -> x_hat through the decoder half only: the parameters a decoder fine-tune updates."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder
+
+    def forward(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+def finetune_decoder(opts, vae, images, ema_decay=0.999):
+    """Stage 1b: train the decoder alone on latents of the frozen encoder, with the same L1 + L2
+    reconstruction loss (as Stable Diffusion's ft-EMA/ft-MSE decoders were). The encoder, hence every
+    latent and the scale factor, stays exactly as it was: a denoiser trained on it stays valid, so
+    this can run before or after stage 2. Returns the autoencoder with the EMA decoder and its last loss."""
+    os.makedirs(opts.out_dir, exist_ok=True)
+    torch.manual_seed(opts.seed)
+    device = torch.device(opts.device)
+    vae = vae.to(device)
+    mean, std = encode_dataset(vae, images, device)
+    mean, std, images = mean.to(device), std.to(device), images.to(device)
+
+    def loss_fn(modules, generator):
+        idx = torch.randint(0, len(images), (opts.batch_size,), generator=generator).to(device)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator).to(device)
+        x = images[idx].float() / 127.5 - 1
+        x_hat = modules["decoding"](z)
+        return F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x)
+
+    encoder_digest = float(sum(p.detach().double().sum() for p in vae.encoder.parameters()))
+    info = {"stage": "decoder", "config": vae.config.to_dict(), "batch_size": opts.batch_size, "lr": opts.lr,
+            "seed": opts.seed, "images": len(images), "encoder_digest": encoder_digest}
+    decoding = Decoding(vae)
+    ema, loss = _train_loop("decoder", opts, {"decoding": decoding}, loss_fn, info, ema_decay)
+    ema.copy_to(torch.nn.ModuleDict({"decoding": decoding}))
+    return vae.eval(), loss
+
+
 # --- stage 2: text encoder and denoiser -------------------------------------------------------
 
 @torch.no_grad()
@@ -247,42 +292,82 @@ def caption_ids(captions, tokenizer=None):
     return ids[:-1], ids[-1]
 
 
-def train_denoiser(opts, vae, unet_config, text_config, images, captions, schedule, prediction="eps",
-                   p_uncond=0.1, ema_decay=0.9995):
-    """Algorithm 1 on latents z = scale * (mean + std * n) of the frozen autoencoder, with the text
-    encoder trained jointly; a caption is replaced by the empty prompt with probability p_uncond.
-    Returns (UNet, text encoder, vae with its scale factor set), all with EMA weights, and the last loss."""
+def latent_scale(vae, mean, std, seed):
+    """The latent scale factor: 1 / std of sampled latents (LDM appendix G); 1 in pixel space, where
+    DDPM's data already spans [-1, 1]."""
+    if isinstance(vae, IdentityAutoencoder):
+        return 1.0
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
+    return round(1.0 / float((mean + std * noise).std()), 5)
+
+
+def train_denoiser(opts, vae, network, text, images, captions, schedule, prediction="eps",
+                   p_uncond=0.1, ema_decay=0.9995, train_text=True, fit_scale=True, held_out=None):
+    """Algorithm 1 on latents z = scale * (mean + std * n) of the frozen autoencoder (z = x in pixel
+    space), for either denoiser family; the text encoder is trained jointly unless train_text is False
+    (a shared, frozen one). A caption is replaced by the empty prompt with probability p_uncond.
+    fit_scale: set the autoencoder's scale factor from these latents; False keeps a shared one's.
+    held_out: (images, captions) scored by the variational bound (`held_out_bound`) at every save.
+    Returns (network, text encoder, vae with its scale factor set), with EMA weights, and the last loss."""
     os.makedirs(opts.out_dir, exist_ok=True)
     torch.manual_seed(opts.seed)
     device = torch.device(opts.device)
     mean, std = encode_dataset(vae, images, device)
-    scale = 1.0 / float((mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(opts.seed))).std())
-    vae.config.scale_factor = round(scale, 5)
+    if fit_scale:
+        vae.config.scale_factor = latent_scale(vae, mean, std, opts.seed)
+    scale = vae.config.scale_factor
     mean, std = mean.to(device), std.to(device)
     ids, empty_ids = caption_ids(captions)
     ids, empty_ids = ids.to(device), empty_ids.to(device)
-    unet, text = UNetModel(unet_config).to(device), CLIPTextModel(text_config).to(device)
+    network, text = network.to(device), text.to(device).requires_grad_(train_text)
 
     def loss_fn(modules, generator):
         idx = torch.randint(0, len(mean), (opts.batch_size,), generator=generator).to(device)
         noise = torch.randn(mean[idx].shape, generator=generator).to(device)
-        z0 = vae.config.scale_factor * (mean[idx] + std[idx] * noise)
+        z0 = scale * (mean[idx] + std[idx] * noise)
         drop = (torch.rand(opts.batch_size, generator=generator) < p_uncond).to(device)
         tokens = torch.where(drop[:, None], empty_ids[None], ids[idx])
-        context = modules["text"](tokens)
-        return l_simple(modules["unet"], z0, schedule, prediction, context, generator)
+        with torch.set_grad_enabled(train_text):
+            context = (modules["text"] if train_text else text)(tokens)
+        return l_simple(modules["network"], z0, schedule, prediction, context, generator)
 
-    info = {"stage": "denoiser", "unet": unet_config.to_dict(), "text": text_config.to_dict(),
-            "schedule": schedule.config, "prediction": prediction, "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed, "p_uncond": p_uncond,
-            "images": len(images), "scale_factor": vae.config.scale_factor}
-    ema, loss = _train_loop("denoiser", opts, {"unet": unet, "text": text}, loss_fn, info, ema_decay)
-    ema.copy_to(torch.nn.ModuleDict({"unet": unet, "text": text}))
-    return unet.eval(), text.eval(), vae, loss
+    family = type(network).__name__
+    info = {"stage": "denoiser", "family": family, "network": network.config.to_dict(), "text": text.config.to_dict(),
+            "train_text": train_text, "schedule": schedule.config, "prediction": prediction,
+            "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed, "p_uncond": p_uncond,
+            "images": len(images), "resolution": images.shape[-1], "scale_factor": scale}
+    modules = {"network": network, "text": text} if train_text else {"network": network}
+    bounds = []
+
+    def report(step):
+        bounds.append(held_out_bound(network, text, vae, schedule, prediction, *held_out))
+        print(f"\ndenoiser {step}: bound {bounds[-1].total.mean():.4f} +- "
+              f"{bounds[-1].standard_error.pow(2).mean().div(len(held_out[0])).sqrt():.4f} {bounds[-1].unit} "
+              f"on {len(held_out[0])} held-out images", file=sys.stderr)
+
+    ema, loss = _train_loop("denoiser", opts, modules, loss_fn, info, ema_decay, report if held_out else None)
+    ema.copy_to(torch.nn.ModuleDict(modules))
+    return network.eval(), text.eval(), vae, loss
 
 
-def save_model(path, unet, vae, text, schedule, prediction, record):
+@torch.no_grad()
+def held_out_bound(network, text, vae, schedule, prediction, images, captions, timesteps=50, seed=0):
+    """The variational bound (core/likelihood.py) of uint8 images under the conditioned network: bits/dim
+    in pixel space, nats per latent dimension of the scaled posterior mean otherwise; a strided estimate
+    with the same draws every time, so successive reports compare like with like."""
+    device = next(network.parameters()).device
+    x = images.to(device).float() / 127.5 - 1
+    pixel = isinstance(vae, IdentityAutoencoder)
+    x0 = x if pixel else vae.encode(x).mode() * vae.config.scale_factor
+    context = text(caption_ids(captions)[0].to(device))
+    return variational_bound(network, x0, schedule, prediction, context, discrete=pixel, timesteps=timesteps,
+                             generator=torch.Generator().manual_seed(seed))
+
+
+def save_model(path, network, vae, text, schedule, prediction, record, parts_from=None):
     """The shipped file: fp16 weights in our checkpoint format, the training record in its metadata."""
-    save_checkpoint(path, unet, vae, text, schedule, prediction, dtype=torch.float16, extra={"training": record})
+    save_checkpoint(path, network, vae, text, schedule, prediction, dtype=torch.float16, extra={"training": record},
+                    parts_from=parts_from)
 
 
 def load_autoencoder(path):
@@ -302,20 +387,39 @@ def save_autoencoder(path, vae):
 
 # --- the whole recipe -------------------------------------------------------------------------
 
-# The built-in model (models/README.md): 64x64 scenes, an f=4 autoencoder (16x16x4 latents), a
-# two-layer text encoder of width 64 and a three-level UNet with attention at 8x8 and 4x4.
+# The built-in models (models/README.md): 64x64 scenes, an f=4 autoencoder (16x16x4 latents), a
+# two-layer text encoder of width 64, and either a three-level UNet with attention at 8x8 and 4x4 or a
+# PixArt-style transformer over 2x2 latent patches (64 tokens). Pixel space (DDPM's setting): the
+# identity autoencoder, a smaller UNet at 32x32 and DDPM's linear schedule 1e-4..0.02.
 TINY_AUTOENCODER = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
 TINY_TEXT = CLIPTextConfig(width=64, layers=2, heads=2, mlp_width=256)
 TINY_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
                        attention_levels=(1, 2), transformer_depth=1, context_dim=64, num_head_channels=32)
+TINY_TRANSFORMER = TransformerConfig(in_channels=4, out_channels=4, width=192, depth=6, heads=3, context_dim=64,
+                                     patch_size=2, base_size=8)
+TINY_PIXEL_UNET = UNetConfig(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                             attention_levels=(1, 2), transformer_depth=1, context_dim=64, num_head_channels=32)
 TINY_SCHEDULE = TrainingSchedule("scaled_linear")
+PIXEL_SCHEDULE = TrainingSchedule("linear", 1000, 1e-4, 0.02)
+DENOISERS = ("unet", "transformer")
 
 
-def train_model(out_dir, images, captions, data_seed, vae_steps, steps, batch_size=64, vae_batch_size=16,
-                lr=2e-4, vae_lr=1e-3, prediction="eps", seed=0, device="cpu", save_every=500):
-    """Stage 1 then stage 2 with the TINY_* configs; writes <out>/autoencoder.safetensors and
-    <out>/model.safetensors, each stage resuming from its saved state. Returns the model's path."""
-    started, rank = time.time(), _distributed()[0]
+def network_for(denoiser, vae, text_width):
+    """The TINY_* denoiser of a family, sized to the autoencoder's channels and the text width."""
+    if denoiser not in DENOISERS:
+        raise ValueError(f"denoiser: unknown {denoiser!r}; choose one of {', '.join(DENOISERS)}")
+    channels = vae.config.embed_dim
+    if denoiser == "transformer":
+        return TransformerModel(replace(TINY_TRANSFORMER, in_channels=channels, out_channels=channels,
+                                        context_dim=text_width))
+    config = TINY_PIXEL_UNET if isinstance(vae, IdentityAutoencoder) else TINY_UNET
+    return UNetModel(replace(config, in_channels=channels, out_channels=channels, context_dim=text_width))
+
+
+def _autoencoder(out_dir, images, vae_steps, vae_batch_size, vae_lr, decoder_steps, seed, device, save_every):
+    """Stage 1 and the optional decoder fine-tune, each reused from <out> when already done.
+    Returns (vae, final autoencoder loss, final decoder loss); losses are None for reused stages."""
+    rank = _distributed()[0]
     vae_path = os.path.join(out_dir, "autoencoder.safetensors")
     if os.path.exists(vae_path):
         vae, vae_loss = load_autoencoder(vae_path), None
@@ -325,16 +429,63 @@ def train_model(out_dir, images, captions, data_seed, vae_steps, steps, batch_si
         vae, vae_loss = train_autoencoder(opts, TINY_AUTOENCODER, images)
         if rank == 0:
             save_autoencoder(vae_path, vae)
+    decoder_loss = None
+    if decoder_steps:
+        decoder_path = os.path.join(out_dir, "autoencoder-decoder.safetensors")
+        if os.path.exists(decoder_path):
+            vae = load_autoencoder(decoder_path)
+            print(f"decoder: using {decoder_path}", file=sys.stderr)
+        else:
+            opts = RunOptions(out_dir, decoder_steps, vae_batch_size, vae_lr, seed=seed, device=device, save_every=save_every)
+            vae, decoder_loss = finetune_decoder(opts, vae, images)
+            if rank == 0:
+                save_autoencoder(decoder_path, vae)
+    return vae, vae_loss, decoder_loss
+
+
+def train_model(out_dir, images, captions, data_seed, vae_steps, steps, batch_size=64, vae_batch_size=16,
+                lr=2e-4, vae_lr=1e-3, prediction="eps", seed=0, device="cpu", save_every=500, decoder_steps=0,
+                denoiser="unet", pixel=False, base=None, held_out=None):
+    """The whole recipe; writes <out>/model.safetensors, each stage resuming from its saved state.
+    Returns the model's path.
+
+    The autoencoder is stage 1 (<out>/autoencoder.safetensors; autoencoder-decoder.safetensors after
+    the decoder fine-tune when decoder_steps > 0), or the identity when `pixel`, or taken from `base`.
+    base: (file, name) of a trained model whose text encoder (frozen) and autoencoder (unless pixel)
+    are reused; when its name is builtin/<file>, the result holds only the new parts and refers to
+    the built-in file for the rest (ARCHITECTURE section 5), else it holds copies.
+    held_out: (images, captions) whose variational bound is reported at every save.
+    """
+    started, rank = time.time(), _distributed()[0]
+    vae_loss = decoder_loss = None
+    base_ck = load_checkpoint(base[0]) if base else None
+    if pixel:
+        vae = IdentityAutoencoder()
+    elif base_ck:
+        vae = base_ck.vae
+    else:
+        vae, vae_loss, decoder_loss = _autoencoder(out_dir, images, vae_steps, vae_batch_size, vae_lr,
+                                                   decoder_steps, seed, device, save_every)
+    text = copy.deepcopy(base_ck.text_encoder).float() if base_ck else CLIPTextModel(TINY_TEXT)
+    torch.manual_seed(seed)
+    network = network_for(denoiser, vae, text.config.width)
+    schedule = PIXEL_SCHEDULE if pixel else TINY_SCHEDULE
     opts = RunOptions(out_dir, steps, batch_size, lr, seed=seed, device=device, save_every=save_every)
-    unet, text, vae, loss = train_denoiser(opts, vae.to(device), TINY_UNET, TINY_TEXT, images, captions,
-                                           TINY_SCHEDULE, prediction)
+    network, text, vae, loss = train_denoiser(opts, vae.float().to(device), network, text, images, captions,
+                                              schedule, prediction, train_text=base_ck is None,
+                                              fit_scale=base_ck is None and not pixel, held_out=held_out)
     path = os.path.join(out_dir, "model.safetensors")
     if rank == 0:
-        record = {"data_seed": data_seed, "images": len(images), "vae_steps": vae_steps, "vae_batch_size": vae_batch_size,
-                  "vae_lr": vae_lr, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "device": device,
-                  "final_autoencoder_loss": vae_loss, "final_denoiser_loss": loss,
-                  "wall_time_s_this_run": round(time.time() - started)}
-        save_model(path, unet, vae, text, TINY_SCHEDULE, prediction, record)
+        parts_from = {}
+        if base and base[1].startswith(BUILTIN_PREFIX):
+            parts_from = {"text": base[1]} if pixel else {"text": base[1], "vae": base[1]}
+        record = {"data_seed": data_seed, "images": len(images), "resolution": images.shape[-1],
+                  "denoiser": denoiser, "pixel": pixel, "base": base[1] if base else None,
+                  "vae_steps": vae_steps, "vae_batch_size": vae_batch_size, "vae_lr": vae_lr,
+                  "decoder_steps": decoder_steps, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                  "device": device, "final_autoencoder_loss": vae_loss, "final_decoder_loss": decoder_loss,
+                  "final_denoiser_loss": loss, "wall_time_s_this_run": round(time.time() - started)}
+        save_model(path, network, vae, text, schedule, prediction, record, parts_from)
         with open(os.path.join(out_dir, "record.json"), "w") as f:
             json.dump(record, f, indent=2)
     return path

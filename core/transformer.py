@@ -162,6 +162,24 @@ class TransformerModel(nn.Module):
         # output features ordered (row in patch, column in patch, channel), channel fastest
         self.final_linear = nn.Linear(width, p * p * cfg.out_channels)
         self._pos_cache = {}
+        self._initialize()
+
+    @torch.no_grad()
+    def _initialize(self):
+        """PixArt-alpha's initialisation for training from scratch (its `initialize_weights`): Xavier
+        linears and patch embedding, N(0, 0.02) timestep and caption MLPs, and zeros for the time
+        modulation, every cross-attention output and the final linear, so each block starts as the
+        identity and the network predicts 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
+        for linear in (self.time_embed[0], self.time_embed[2], self.caption_proj[0], self.caption_proj[2]):
+            nn.init.normal_(linear.weight, std=0.02)
+        for linear in (self.time_modulation, self.final_linear, *(b.cross_attn.to_out for b in self.blocks)):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
 
     def pos_embed(self, h, w, device):
         """The float32 position table of an h x w patch grid, cached per grid size and device."""

@@ -65,7 +65,7 @@ def load_model(ckpt_name, precision):
     if any(part is None for part in parts):
         ck = load_checkpoint(path, dtype=dtype, vae_dtype=vae_dtype, device="cpu" if host.in_comfyui() else device)
         vae = Loaded(ck.vae, host.managed(ck.vae), ckpt_name)
-        model = LoadedModel(DiffusionModel.from_checkpoint(ck), host.managed(ck.unet), ckpt_name, vae)
+        model = LoadedModel(DiffusionModel.from_checkpoint(ck), host.managed(ck.denoiser), ckpt_name, vae)
         text = Loaded(TextEncoder(ck.text_encoder, CLIPTokenizer()), host.managed(ck.text_encoder), ckpt_name)
         parts = (model, text, vae)
         for i, part in enumerate(parts):

@@ -58,4 +58,4 @@ def test_the_workflow_prompt_is_followed(tmp_path):
 
 def test_loads_in_half_precision():
     ck = load_checkpoint(model_paths.resolve_model(MODEL), dtype=torch.bfloat16)
-    assert {p.dtype for p in ck.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ck.denoiser.parameters()} == {torch.bfloat16}

@@ -1,7 +1,9 @@
 """Checkpoint reading, layout inference, our own format, and every refusal."""
+import copy
 import json
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -10,9 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 from ldm_nodes.core import checkpoint as ck
-from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder, placement
 from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel
+from ldm_nodes.core.transformer import TransformerConfig, TransformerModel
 from ldm_nodes.core.unet import UNetConfig, UNetModel
 
 UNET = UNetConfig(4, 4, 32, (1, 2), 1, (1,), 1, 64, num_heads=2)
@@ -63,8 +66,8 @@ def test_round_trip_reproduces_every_part(saved):
     path, (unet, vae, text) = saved
     loaded = ck.load_checkpoint(path)
     assert loaded.prediction == "v" and loaded.schedule == TrainingSchedule("linear", 1000)
-    assert loaded.unet.config == UNET and loaded.vae.config == VAE and loaded.text_encoder.config == TEXT
-    for a, b in ((unet, loaded.unet), (vae, loaded.vae), (text, loaded.text_encoder)):
+    assert loaded.denoiser.config == UNET and loaded.vae.config == VAE and loaded.text_encoder.config == TEXT
+    for a, b in ((unet, loaded.denoiser), (vae, loaded.vae), (text, loaded.text_encoder)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
         assert not any(p.requires_grad for p in b.parameters())
@@ -76,7 +79,7 @@ def test_round_trip_reproduces_every_part(saved):
 def test_load_in_half_precision_with_vae_in_fp32(saved):
     path, _ = saved
     loaded = ck.load_checkpoint(path, dtype=torch.float16, vae_dtype=torch.float32)
-    assert {p.dtype for p in loaded.unet.parameters()} == {torch.float16}
+    assert {p.dtype for p in loaded.denoiser.parameters()} == {torch.float16}
     assert {p.dtype for p in loaded.text_encoder.parameters()} == {torch.float16}
     assert {p.dtype for p in loaded.vae.parameters()} == {torch.float32}
 
@@ -98,7 +101,8 @@ def test_sd15_key_list_is_fully_placed(tmp_path):
                    "cond_stage_model.transformer.text_model.embeddings.position_ids": [1, 77]})
     path = header_only_file(tmp_path / "sd15.safetensors", shapes)
     header, _ = ck.read_header(path)
-    parts, (unet, vae, text) = ck.infer_configs(path, header, {})
+    parts, configs = ck.infer_configs(path, header, {})
+    unet, vae, text = (configs[part][1] for part in ck.PARTS)
     assert (unet.model_channels, unet.channel_mult, unet.num_res_blocks, unet.attention_levels) == (320, (1, 2, 4, 4), 2, (0, 1, 2))
     assert (unet.context_dim, unet.num_heads, unet.use_linear_in_transformer) == (768, 8, False)
     assert (vae.ch, vae.ch_mult, vae.z_channels, vae.scale_factor) == (128, (1, 2, 4, 4), 4, 0.18215)
@@ -138,6 +142,18 @@ def test_pickles_are_refused_without_being_opened(tmp_path):
         ck.read_header(torch_zip)
 
 
+@pytest.mark.parametrize("length", [0x80, 0x80 + 0x4B50 * 256, 0x4B50])
+def test_a_safetensors_header_length_that_looks_like_a_signature_is_read(tmp_path, length):
+    """A header of 128 (+ 256 k) bytes makes the file start with the pickle byte \\x80, one of 0x4B50
+    bytes with "PK": still safetensors, since a header follows."""
+    base = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    raw = base + b" " * (length - len(base) - 1) + b"}"
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    assert path.read_bytes()[:1] in (b"\x80", b"P")
+    assert ck.read_header(path)[0]["a"]["shape"] == [1]
+
+
 ONE_TENSOR = b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'
 
 
@@ -175,7 +191,7 @@ def test_nothing_recognisable(tmp_path):
     with pytest.raises(ck.CheckpointError, match="unexpected key 'encoder.weight'"):
         ck.load_checkpoint(tmp_path / "other.safetensors")
     save_file({"first_stage_model.x": torch.zeros(2)}, tmp_path / "vae_only.safetensors")
-    with pytest.raises(ck.CheckpointError, match="nothing recognisable inside: no unet weights"):
+    with pytest.raises(ck.CheckpointError, match="nothing recognisable inside: no denoiser weights"):
         ck.load_checkpoint(tmp_path / "vae_only.safetensors")
 
 
@@ -228,5 +244,128 @@ def test_inference_without_metadata_matches_the_saved_config(tmp_path):
     from safetensors.torch import load_file
     save_file(load_file(tmp_path / "x.safetensors"), tmp_path / "bare.safetensors")
     loaded = ck.load_checkpoint(tmp_path / "bare.safetensors")
-    assert loaded.unet.config == unet.config and loaded.vae.config.ch_mult == VAE.ch_mult
+    assert loaded.denoiser.config == unet.config and loaded.vae.config.ch_mult == VAE.ch_mult
     assert loaded.prediction == "eps" and loaded.schedule.beta_schedule == "scaled_linear"
+
+
+# --- denoiser families, shared parts, pixel space ---------------------------------------------
+
+TRANSFORMER = TransformerConfig(in_channels=4, out_channels=4, width=64, depth=2, heads=4, context_dim=64)
+
+
+def randomised(module, seed):
+    torch.manual_seed(seed)
+    for p in module.parameters():  # the transformer's zero-initialised layers would hide a mix-up
+        torch.nn.init.normal_(p, std=0.05)
+    return module
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+
+
+def test_transformer_family_round_trip(tmp_path):
+    net = randomised(TransformerModel(TRANSFORMER), 1)
+    _, vae, text = tiny_modules()
+    ck.save_checkpoint(tmp_path / "t.safetensors", net, vae, text, TrainingSchedule(), "v", dtype=torch.float32)
+    meta = ck.read_model_metadata(tmp_path / "t.safetensors")
+    assert meta["family"] == "transformer" and meta["transformer"]["heads"] == 4 and "unet" not in meta
+    loaded = ck.load_checkpoint(tmp_path / "t.safetensors")
+    assert isinstance(loaded.denoiser, TransformerModel) and loaded.denoiser.config == TRANSFORMER
+    assert_same_weights(loaded.denoiser, net)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, 64)
+    torch.testing.assert_close(loaded.denoiser(x, t, ctx), net(x, t, ctx))
+
+
+def test_transformer_without_metadata_is_recognised_by_its_keys(tmp_path):
+    """Sizes come from shapes; the head count, which shapes cannot tell, falls back to width / 64."""
+    net = TransformerModel(TRANSFORMER)
+    _, vae, text = tiny_modules()
+    ck.save_checkpoint(tmp_path / "t.safetensors", net, vae, text, TrainingSchedule(), "eps")
+    from safetensors.torch import load_file
+    save_file(load_file(tmp_path / "t.safetensors"), tmp_path / "bare.safetensors")
+    loaded = ck.load_checkpoint(tmp_path / "bare.safetensors")
+    assert isinstance(loaded.denoiser, TransformerModel)
+    assert loaded.denoiser.config == TransformerConfig(4, 4, 64, 2, 1, 64)
+
+
+def test_unknown_family_is_named(tmp_path, saved):
+    from safetensors.torch import load_file
+    meta = ck.read_model_metadata(saved[0])
+    save_file(load_file(saved[0]), tmp_path / "x.safetensors",
+              metadata={ck.METADATA_KEY: json.dumps({**meta, "family": "mamba"})})
+    with pytest.raises(ck.CheckpointError, match="unknown denoiser family 'mamba'"):
+        ck.load_checkpoint(tmp_path / "x.safetensors")
+
+
+@pytest.fixture
+def builtin_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    monkeypatch.setattr(ck, "BUILTIN_DIR", folder)
+    return folder
+
+
+def test_parts_from_a_builtin_model(builtin_dir, tmp_path):
+    """A file that holds only its denoiser takes the autoencoder and text encoder from a built-in model."""
+    unet, vae, text = tiny_modules()
+    ck.save_checkpoint(builtin_dir / "base.safetensors", unet, vae, text, TrainingSchedule(), "eps", dtype=torch.float32)
+    net = randomised(TransformerModel(TRANSFORMER), 2)
+    shared = {"vae": "builtin/base.safetensors", "text": "builtin/base.safetensors"}
+    ck.save_checkpoint(tmp_path / "t.safetensors", net, vae, text, TrainingSchedule("linear"), "eps",
+                       dtype=torch.float32, parts_from=shared)
+    header, meta = ck.read_header(tmp_path / "t.safetensors")
+    assert all(k.startswith(ck.UNET_PREFIX) for k in header) and "vae" not in json.loads(meta[ck.METADATA_KEY])
+    loaded = ck.load_checkpoint(tmp_path / "t.safetensors", dtype=torch.float16, vae_dtype=torch.float32)
+    assert_same_weights(loaded.vae, vae)
+    assert_same_weights(loaded.text_encoder, copy.deepcopy(text).half())
+    assert loaded.vae.config == vae.config and loaded.schedule.beta_schedule == "linear"
+    assert {p.dtype for p in loaded.text_encoder.parameters()} == {torch.float16}
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("../base.safetensors", "only builtin/<file> models can provide parts"),
+    ("builtin/../x.safetensors", "only builtin/<file> models can provide parts"),
+    ("builtin/missing.safetensors", "takes parts from 'builtin/missing.safetensors', which is not in"),
+])
+def test_parts_from_refuses_anything_but_a_builtin_file(builtin_dir, tmp_path, name, problem):
+    unet, vae, text = tiny_modules()
+    ck.save_checkpoint(tmp_path / "t.safetensors", unet, vae, text, TrainingSchedule(), "eps", parts_from={"text": name})
+    with pytest.raises(ck.CheckpointError, match=re.escape(problem)):
+        ck.load_checkpoint(tmp_path / "t.safetensors")
+
+
+def test_parts_are_taken_one_level_only(builtin_dir, tmp_path):
+    unet, vae, text = tiny_modules()
+    ck.save_checkpoint(builtin_dir / "a.safetensors", unet, vae, text, TrainingSchedule(), "eps",
+                       parts_from={"text": "builtin/b.safetensors"})
+    ck.save_checkpoint(builtin_dir / "b.safetensors", unet, vae, text, TrainingSchedule(), "eps",
+                       parts_from={"text": "builtin/a.safetensors"})
+    with pytest.raises(ck.CheckpointError, match="takes them from elsewhere itself"):
+        ck.load_checkpoint(builtin_dir / "a.safetensors")
+
+
+def test_a_shared_part_stored_anyway_is_refused(builtin_dir, tmp_path, saved):
+    from safetensors.torch import load_file
+    meta = ck.read_model_metadata(saved[0])
+    save_file(load_file(saved[0]), tmp_path / "x.safetensors",
+              metadata={ck.METADATA_KEY: json.dumps({**meta, "parts_from": {"text": "builtin/x.safetensors"}})})
+    with pytest.raises(ck.CheckpointError, match="holds text weights although its metadata takes that part from elsewhere"):
+        ck.load_checkpoint(tmp_path / "x.safetensors")
+
+
+def test_identity_autoencoder_is_stored_as_its_config(tmp_path):
+    """Pixel space: no autoencoder weights, the loader builds the identity and it maps x to x."""
+    unet = UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 64, num_heads=2))
+    _, _, text = tiny_modules()
+    ck.save_checkpoint(tmp_path / "p.safetensors", unet, IdentityAutoencoder(), text, TrainingSchedule("linear"), "eps")
+    header, _ = ck.read_header(tmp_path / "p.safetensors")
+    assert not any(k.startswith(ck.VAE_PREFIX) for k in header)
+    loaded = ck.load_checkpoint(tmp_path / "p.safetensors", dtype=torch.float16, vae_dtype=torch.float32)
+    assert isinstance(loaded.vae, IdentityAutoencoder) and loaded.vae.config.f == 1
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert torch.equal(loaded.vae.encode(x).sample(), x) and torch.equal(loaded.vae.decode(x), x)
+    assert placement(loaded.vae) == (torch.device("cpu"), torch.float32)

@@ -1,14 +1,19 @@
 """The trainer: losses fall, runs resume exactly, saved models load, settings are guarded."""
+import copy
+import json
+
 import pytest
 import torch
 
 from ldm_nodes.core import train
-from ldm_nodes.core.autoencoder import AutoencoderConfig
+from ldm_nodes.core import checkpoint
+from ldm_nodes.core.autoencoder import AutoencoderConfig, IdentityAutoencoder
 from ldm_nodes.core.checkpoint import load_checkpoint
-from ldm_nodes.core.data import make_dataset
+from ldm_nodes.core.data import downsample, make_dataset
 from ldm_nodes.core.objective import q_sample
 from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.text import CLIPTextConfig
+from ldm_nodes.core.transformer import TransformerConfig, TransformerModel
 from ldm_nodes.core.unet import UNetConfig
 
 VAE = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
@@ -22,6 +27,10 @@ def data():
     images, captions = make_dataset(64, seed=5)
     return images[:, :, ::2, ::2].contiguous(), captions  # 32x32 keeps the test fast
 
+
+
+def fresh():
+    return train.UNetModel(UNET), train.CLIPTextModel(TEXT)
 
 
 def options(tmp_path, steps, **kw):
@@ -60,7 +69,8 @@ def test_denoiser_loss_falls_and_caption_dropout_uses_the_empty_prompt(tmp_path,
     vae, _ = train.train_autoencoder(options(tmp_path / "vae", 10), VAE, images)
     torch.manual_seed(0)
     fresh_unet, fresh_text = train.UNetModel(UNET), train.CLIPTextModel(TEXT)
-    unet, text, vae, _ = train.train_denoiser(options(tmp_path, 40), vae, UNET, TEXT, images, captions, SCHEDULE)
+    unet, text, vae, _ = train.train_denoiser(options(tmp_path, 40), vae, copy.deepcopy(fresh_unet),
+                                              copy.deepcopy(fresh_text), images, captions, SCHEDULE)
     before = denoiser_loss(fresh_unet, fresh_text, vae, images, captions)
     after = denoiser_loss(unet, text, vae, images, captions)
     assert after < 0.8 * before, (before, after)
@@ -71,7 +81,7 @@ def test_denoiser_loss_falls_and_caption_dropout_uses_the_empty_prompt(tmp_path,
 def test_scale_factor_whitens_the_latents(tmp_path, data):
     images, captions = data
     vae, _ = train.train_autoencoder(options(tmp_path / "vae", 5), VAE, images)
-    _, _, vae, _ = train.train_denoiser(options(tmp_path, 1), vae, UNET, TEXT, images, captions, SCHEDULE)
+    _, _, vae, _ = train.train_denoiser(options(tmp_path, 1), vae, *fresh(), images, captions, SCHEDULE)
     mean, std = train.encode_dataset(vae, images, "cpu")
     z = vae.config.scale_factor * (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)))
     assert z.std().item() == pytest.approx(1.0, abs=0.02)
@@ -100,14 +110,14 @@ def test_saved_model_loads_with_its_record(tmp_path, data):
     train.save_autoencoder(tmp_path / "ae.safetensors", vae)
     again = train.load_autoencoder(tmp_path / "ae.safetensors")
     assert again.config == vae.config
-    unet, text, vae, loss = train.train_denoiser(options(tmp_path, 3), vae, UNET, TEXT, images, captions, SCHEDULE)
+    unet, text, vae, loss = train.train_denoiser(options(tmp_path, 3), vae, *fresh(), images, captions, SCHEDULE)
     train.save_model(tmp_path / "m.safetensors", unet, vae, text, SCHEDULE, "v", {"steps": 3})
     ck = load_checkpoint(tmp_path / "m.safetensors")
     assert ck.prediction == "v" and ck.vae.config.scale_factor == vae.config.scale_factor
-    assert {p.dtype for p in ck.unet.parameters()} == {torch.float32}  # fp16 on disk, fp32 when loaded
+    assert {p.dtype for p in ck.denoiser.parameters()} == {torch.float32}  # fp16 on disk, fp32 when loaded
     with torch.no_grad():
         x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 77, 32)
-        torch.testing.assert_close(ck.unet(x, t, ctx), unet.half().float()(x, t, ctx), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(ck.denoiser(x, t, ctx), unet.half().float()(x, t, ctx), rtol=1e-3, atol=1e-3)
 
 
 def test_long_captions_are_refused():
@@ -122,3 +132,100 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert rates[550] == pytest.approx(0.55, abs=0.01)  # halfway through the decay: 0.1 + 0.9 / 2
     assert rates[-1] == pytest.approx(0.1, abs=1e-4)
     assert all(a >= b for a, b in zip(rates[100:], rates[101:]))
+
+
+def test_decoder_finetune_keeps_the_encoder_and_improves_reconstruction(tmp_path, data):
+    images, _ = data
+    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 10), VAE, images)
+    encoder = copy.deepcopy(vae.encoder.state_dict())
+    before = reconstruction_error(vae, images)
+    tuned, _ = train.finetune_decoder(options(tmp_path, 40), copy.deepcopy(vae), images, ema_decay=0.9)
+    for k, v in tuned.encoder.state_dict().items():
+        assert torch.equal(v, encoder[k]), k
+    assert torch.equal(tuned.quant_conv.weight, vae.quant_conv.weight)
+    assert reconstruction_error(tuned, images) < 0.97 * before
+
+
+def test_transformer_with_a_frozen_text_encoder_learns(tmp_path, data):
+    images, captions = data
+    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 5), VAE, images)
+    torch.manual_seed(0)
+    config = TransformerConfig(4, 4, 64, 2, 2, 32, base_size=4)
+    fresh_net, text = TransformerModel(config), train.CLIPTextModel(TEXT)
+    frozen = copy.deepcopy(text.state_dict())
+    net, text, vae, _ = train.train_denoiser(options(tmp_path, 40), vae, copy.deepcopy(fresh_net), text, images,
+                                             captions, SCHEDULE, train_text=False)
+    for k, v in text.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    before = denoiser_loss(fresh_net, text, vae, images, captions)
+    after = denoiser_loss(net, text, vae, images, captions)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_pixel_space_trains_on_images_in_minus_one_one(tmp_path, data):
+    images, captions = data
+    vae = IdentityAutoencoder()
+    torch.manual_seed(0)
+    unet = train.UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
+    fresh_unet, text = copy.deepcopy(unet), train.CLIPTextModel(TEXT)
+    fresh_text = copy.deepcopy(text)
+    unet, text, vae, _ = train.train_denoiser(options(tmp_path, 40), vae, unet, text, images, captions, SCHEDULE)
+    assert vae.config.scale_factor == 1.0
+    before = denoiser_loss(fresh_unet, fresh_text, vae, images, captions)
+    after = denoiser_loss(unet, text, vae, images, captions)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_downsample_box_filters():
+    images, _ = make_dataset(2, seed=1)
+    small = downsample(images, 32)
+    assert small.shape == (2, 3, 32, 32) and small.dtype == torch.uint8
+    expected = images[:, :, :2, :2].float().mean(dim=(2, 3)).round()
+    assert torch.equal(small[:, :, 0, 0].float(), expected)
+    with pytest.raises(ValueError, match="resolution 48"):
+        downsample(images, 48)
+
+
+def test_a_model_on_a_builtin_base_holds_only_its_denoiser(tmp_path, data, monkeypatch):
+    """train_model with base=builtin/...: the file refers to the base for the text encoder and the
+    autoencoder (pixel space: the text encoder only) and loads back whole."""
+    images, captions = data
+    builtin = tmp_path / "models"
+    builtin.mkdir()
+    monkeypatch.setattr(checkpoint, "BUILTIN_DIR", builtin)
+    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 3), VAE, images)
+    unet, text = fresh()
+    train.save_model(builtin / "base.safetensors", unet, vae, text, SCHEDULE, "eps", {})
+    monkeypatch.setattr(train, "TINY_TRANSFORMER", TransformerConfig(4, 4, 32, 1, 1, 32, base_size=4))
+    monkeypatch.setattr(train, "TINY_PIXEL_UNET", UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
+    base = (builtin / "base.safetensors", "builtin/base.safetensors")
+    for denoiser, pixel, shared in (("transformer", False, {"text", "vae"}), ("unet", True, {"text"})):
+        out = tmp_path / f"{denoiser}-{pixel}"
+        path = train.train_model(str(out), images, captions, 0, 0, 2, batch_size=4, denoiser=denoiser,
+                                 pixel=pixel, base=base, save_every=1)
+        meta = checkpoint.read_model_metadata(path)
+        assert set(meta["parts_from"]) == shared and meta["training"]["base"] == "builtin/base.safetensors"
+        ck = load_checkpoint(path)
+        assert isinstance(ck.denoiser, TransformerModel if denoiser == "transformer" else train.UNetModel)
+        assert isinstance(ck.vae, IdentityAutoencoder) == pixel
+        assert ck.schedule == (train.PIXEL_SCHEDULE if pixel else train.TINY_SCHEDULE)
+        assert torch.equal(ck.text_encoder.text_model.embeddings.token_embedding.weight,
+                           text.text_model.embeddings.token_embedding.weight.half().float())
+        assert json.loads((out / "record.json").read_text())["denoiser"] == denoiser
+
+
+def test_held_out_bound_is_reported_at_every_save(tmp_path, data, capsys):
+    """Pixel space: the report is the strided bound in bits/dim of the held-out images, the same
+    number held_out_bound gives for the network as it was at that save."""
+    images, captions = data
+    torch.manual_seed(0)
+    unet = train.UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
+    text = train.CLIPTextModel(TEXT)
+    held = (images[:4], captions[:4])
+    unet, text, vae, _ = train.train_denoiser(options(tmp_path, 10), IdentityAutoencoder(), unet, text, images,
+                                              captions, SCHEDULE, held_out=held, ema_decay=0.0)
+    reports = [line for line in capsys.readouterr().err.splitlines() if ": bound " in line]
+    assert [r.split(":")[0] for r in reports] == ["denoiser 5", "denoiser 10"]
+    assert all("bits/dim on 4 held-out images" in r for r in reports)
+    last = train.held_out_bound(unet, text, vae, SCHEDULE, "eps", *held)
+    assert f"bound {last.total.mean():.4f}" in reports[-1]

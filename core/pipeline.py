@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .autoencoder import IdentityAutoencoder, placement
 from .denoiser import Denoiser
+from .likelihood import variational_bound
 from .samplers import get_sampler
 from .schedule import BETA_SCHEDULES, SPACINGS, TrainingSchedule, sampling_schedule
 from .text import CLIPTokenizer, encode_prompt
@@ -20,17 +22,23 @@ from .text import CLIPTokenizer, encode_prompt
 class DiffusionModel:
     """The denoising network and what sampling needs to know about it."""
 
-    unet: torch.nn.Module
+    network: torch.nn.Module  # UNetModel or TransformerModel: eps_theta(x, t, context)
     schedule: TrainingSchedule
     prediction: str
     scale_factor: float
     latent_channels: int
+    pixel_space: bool = False  # the identity autoencoder: x0 is the image itself, in [-1, 1]
+    resolution: int = None  # the image size it was trained on, when its file says
+    empty_context: torch.Tensor = None  # the empty prompt's encoding: the likelihood's default condition
 
     @classmethod
     def from_checkpoint(cls, checkpoint):
-        """The UNet of a loaded checkpoint with its schedule, prediction and its autoencoder's latent scale."""
+        """The denoiser of a loaded checkpoint with its schedule, prediction and its autoencoder's latent scale."""
         vae = checkpoint.vae.config
-        return cls(checkpoint.unet, checkpoint.schedule, checkpoint.prediction, vae.scale_factor, vae.embed_dim)
+        with torch.inference_mode():
+            empty = encode_prompt(CLIPTokenizer(), checkpoint.text_encoder, "")
+        return cls(checkpoint.denoiser, checkpoint.schedule, checkpoint.prediction, vae.scale_factor, vae.embed_dim,
+                   isinstance(checkpoint.vae, IdentityAutoencoder), checkpoint.resolution, empty)
 
 
 @dataclass
@@ -99,16 +107,15 @@ def encode_image(vae, image):
     """IMAGE [B, H, W, 3] in 0..1 -> the posterior mean latent [B, C, H / f, W / f] (deterministic)."""
     if image.ndim != 4 or image.shape[-1] != 3:
         raise ValueError(f"image: expected [batch, height, width, 3], got {list(image.shape)}")
-    param = next(vae.parameters())
-    x = image.movedim(-1, 1).to(param.device, param.dtype) * 2 - 1
+    device, dtype = placement(vae)
+    x = image.movedim(-1, 1).to(device, dtype) * 2 - 1
     with torch.inference_mode():
         return vae.encode(x).mode().float().cpu()
 
 
 def decode_latent(vae, latent, tile_above=96):
     """Unscaled latent -> IMAGE [B, H, W, 3] in 0..1; tiled when a side exceeds `tile_above` latent pixels."""
-    param = next(vae.parameters())
-    z = latent.to(param.device, param.dtype)
+    z = latent.to(*placement(vae))
     with torch.inference_mode():
         x = vae.decode_tiled(z) if max(z.shape[-2:]) > tile_above else vae.decode(z)
     if not torch.isfinite(x).all():
@@ -167,7 +174,7 @@ def sample(model, latent, positive, negative, seed, sampler_name, cfg, sigmas, g
         raise ValueError(f"seed: must be in [0, 2^64 - 1], got {seed}")
     if len(sigmas) < 2:
         return latent.clone()
-    param = next(model.unet.parameters())
+    param = next(model.network.parameters())
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn(latent.shape, generator=generator)
     sigma_0 = float(sigmas[0])
@@ -176,7 +183,50 @@ def sample(model, latent, positive, negative, seed, sampler_name, cfg, sigmas, g
     x = (z + noise * start_scale).to(param.device, param.dtype)
     cond = positive.context.to(param.device, param.dtype)
     uncond = negative.context.to(param.device, param.dtype) if negative is not None else None
-    denoiser = Denoiser(model.unet, model.schedule, model.prediction, cond, uncond, cfg, guidance_rescale)
+    denoiser = Denoiser(model.network, model.schedule, model.prediction, cond, uncond, cfg, guidance_rescale)
     with torch.inference_mode():
         x = get_sampler(sampler_name)(denoiser, x, sigmas, generator=generator, callback=callback, **options)
     return (x.float() / model.scale_factor).cpu()
+
+
+def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, seed=0, progress=None):
+    """The variational bound of each image of IMAGE [B, H, W, 3] in 0..1 (core/likelihood.py).
+
+    Pixel-space models score the 8-bit image itself (bits/dim, L_0 the discretised decoder); latent
+    models score the scaled posterior-mean latent, scale * E(x).mode() (nats per latent dimension).
+    context: [1, L, D], default the empty prompt. steps: 0 evaluates all T timesteps, K >= 2 a strided
+    estimate with its standard error. seed: the noise draws. progress(done, total) is called per
+    network call. Returns a VariationalBound."""
+    if image.ndim != 4 or image.shape[-1] != 3:
+        raise ValueError(f"image: expected [batch, height, width, 3] (RGB), got {list(image.shape)}")
+    height, width = image.shape[1:3]
+    if model.resolution and (height, width) != (model.resolution, model.resolution):
+        raise ValueError(f"image: {width}x{height}, but this model was trained on {model.resolution}x"
+                         f"{model.resolution} images; resize it")
+    multiple = vae.config.f * getattr(model.network.config, "patch_size", 1)
+    if height % multiple or width % multiple:
+        raise ValueError(f"image: {width}x{height} is not a multiple of {multiple} (the autoencoder's f times "
+                         f"the denoiser's patch size)")
+    T = model.schedule.num_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == 0 or 2 <= steps <= T - 1):
+        raise ValueError(f"steps: 0 (all {T} timesteps) or a strided estimate of 2..{T - 1}, got {steps!r}")
+    device, dtype = placement(model.network)
+    if model.pixel_space:
+        x0 = ((image.double() * 255).round() / 127.5 - 1).movedim(-1, 1)  # the 8-bit grid L_0 expects
+    else:
+        x0 = encode_image(vae, image).double() * model.scale_factor
+    context = model.empty_context if context is None else context
+    batch = 64
+    calls = [0, math.ceil((T if steps == 0 else steps + 1) / max(1, batch // len(x0)))]
+
+    def network(x, t, c):
+        out = model.network(x.to(dtype), t, c.to(device, dtype)).float()
+        calls[0] += 1
+        if progress:
+            progress(calls[0], calls[1])
+        return out
+
+    with torch.inference_mode():
+        return variational_bound(network, x0.float().to(device), model.schedule, model.prediction, context.to(device),
+                                 variance, discrete=model.pixel_space, timesteps=steps or None,
+                                 generator=torch.Generator("cpu").manual_seed(seed), batch_size=batch)

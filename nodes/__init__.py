@@ -1,5 +1,6 @@
 """ComfyUI node classes (V1 API): input declarations and one call into core/ each."""
 from .latent import LDMDecodeLatent, LDMEmptyLatent, LDMEncodeImage
+from .likelihood import LDMLikelihood
 from .loader import LDMLoadModel
 from .sample import LDMSample
 from .schedule import LDMNoiseSchedule
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "LDMEncodeImage": LDMEncodeImage,
     "LDMSample": LDMSample,
     "LDMDecodeLatent": LDMDecodeLatent,
+    "LDMLikelihood": LDMLikelihood,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -23,4 +25,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LDMEncodeImage": "Encode Image (LDM)",
     "LDMSample": "Sample (LDM)",
     "LDMDecodeLatent": "Decode Latent (LDM)",
+    "LDMLikelihood": "Likelihood (LDM)",
 }

@@ -1,10 +1,11 @@
 """LDMSample: denoise a latent, with guidance, along a schedule."""
 from ..core.pipeline import run_sigmas, sample
 from ..core.preview import latent_preview
+from ..core.objective import VARIANCES
 from ..core.samplers import SAMPLERS
 from . import host
 
-DDPM_VARIANCES = ["beta_tilde", "beta"]
+DDPM_VARIANCES = list(VARIANCES)
 
 
 class LDMSample:

@@ -81,6 +81,12 @@ CONTRACT = {
         "optional": [],
         "outputs": [("IMAGE", "IMAGE")],
     },
+    "LDMLikelihood": {
+        "required": [("model", "LDM_MODEL"), ("vae", "LDM_VAE"), ("image", "IMAGE"), ("variance", DDPM_VARIANCES),
+                     ("steps", "INT")],
+        "optional": [("conditioning", "LDM_CONDITIONING")],
+        "outputs": [("nll", "FLOAT"), ("plot", "IMAGE")],
+    },
 }
 
 
@@ -178,7 +184,7 @@ def test_every_node_and_input_is_documented(node):
     tips = getattr(cls, "OUTPUT_TOOLTIPS", ())
     assert len(tips) == len(cls.RETURN_TYPES) and all(isinstance(t, str) and t.strip() for t in tips)
     for kind in cls.RETURN_TYPES:
-        assert kind in ("LATENT", "IMAGE", "SIGMAS") or kind.startswith("LDM_"), f"{node} returns {kind}"
+        assert kind in ("LATENT", "IMAGE", "SIGMAS", "FLOAT") or kind.startswith("LDM_"), f"{node} returns {kind}"
 
 
 def test_display_names_cover_every_node_and_are_distinct():
@@ -202,7 +208,7 @@ sys.meta_path.insert(0, Block())
 import ldm_nodes, ldm_nodes.runner, ldm_nodes.routes
 from ldm_nodes.nodes import host
 assert not host.in_comfyui()
-assert len(ldm_nodes.NODE_CLASS_MAPPINGS) == 7
+assert len(ldm_nodes.NODE_CLASS_MAPPINGS) == 8
 left = sorted(m for m in sys.modules if m.split('.')[0] in HOST)
 assert not left, left
 print('imported')
@@ -326,7 +332,7 @@ def dtypes(module):
 ])
 def test_precision(models_dir, precision, unet, vae):
     model, text, autoencoder = load(precision=precision)
-    assert dtypes(model.core.unet) == {unet} and dtypes(text.core.model) == {unet}
+    assert dtypes(model.core.network) == {unet} and dtypes(text.core.model) == {unet}
     assert dtypes(autoencoder.core) == {vae}
 
 
@@ -344,12 +350,12 @@ def test_loading_twice_shares_the_objects_while_they_live(models_dir):
 
 def test_loaded_models_are_freed_and_then_loaded_anew(models_dir):
     first = load()
-    refs = [weakref.ref(part) for part in first] + [weakref.ref(first[0].core.unet)]
+    refs = [weakref.ref(part) for part in first] + [weakref.ref(first[0].core.network)]
     del first
     gc.collect()
     assert all(ref() is None for ref in refs), "the cache must not keep a model alive"
     again = load()
-    assert isinstance(again[0].core.unet, UNetModel)
+    assert isinstance(again[0].core.network, UNetModel)
     os.utime(models_dir / "tiny.safetensors", (1, 1))  # a changed file is read again
     assert load()[0] is not again[0]
 

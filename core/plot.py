@@ -1,0 +1,82 @@
+"""A picture of the variational bound: which timesteps cost the bits (Ho et al. 2020, eq. 5).
+
+Drawn with Pillow alone: the per-timestep terms L_{t-1} (t = 2..T) of a VariationalBound against t on a
+log scale, L_0 at t = 1 in another color, and the total with its parts in the title. Values are per
+dimension, in the bound's unit (bits/dim for pixels, nats/dim for latents), so the terms add up to the
+total (all timesteps) or, times (T - 1) / K, estimate it (strided).
+"""
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+WIDTH, HEIGHT = 640, 400
+LEFT, RIGHT, TOP, BOTTOM = 56, 16, 62, 40
+TERM_COLOR, DECODER_COLOR, AXIS_COLOR, GRID_COLOR = (40, 90, 200), (210, 60, 40), (30, 30, 30), (225, 225, 225)
+
+
+def per_dim(bound):
+    """Nats per image -> the bound's unit per dimension."""
+    return bound.dims * (math.log(2) if bound.unit == "bits/dim" else 1.0)
+
+
+def plot_bound(bound):
+    """The bound of a batch as an RGB PIL image: terms averaged over the images (all timesteps) or every
+    image's sampled terms (strided)."""
+    scale = per_dim(bound)
+    T = bound.terms.shape[1] + 1 if bound.standard_error is None else None
+    t = (bound.timesteps + 1).double().numpy()  # the paper's t
+    terms = (bound.terms / scale).numpy()
+    if T is not None:
+        t, terms = t[0], terms.mean(0)
+    t, terms = t.ravel(), terms.ravel()
+    decoder = float(bound.decoder.mean() / scale)
+    t_max = max(float(t.max()), 2.0) if T is None else float(T)
+
+    positive = np.concatenate([terms[terms > 0], [decoder] if decoder > 0 else []])
+    low = math.floor(math.log10(positive.min())) if len(positive) else -6
+    high = math.ceil(math.log10(positive.max())) if len(positive) else 0
+    high = max(high, low + 1)
+
+    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    x0, x1, y0, y1 = LEFT, WIDTH - RIGHT, TOP, HEIGHT - BOTTOM
+
+    def px(tt, value):
+        x = x0 + (x1 - x0) * (tt - 1) / max(t_max - 1, 1)
+        v = min(max(math.log10(value), low), high) if value > 0 else low
+        return x, y1 - (y1 - y0) * (v - low) / (high - low)
+
+    for decade in range(low, high + 1):
+        _, y = px(1, 10.0 ** decade)
+        draw.line([(x0, y), (x1, y)], fill=GRID_COLOR)
+        draw.text((x0 - 6, y), f"1e{decade}", fill=AXIS_COLOR, font=font, anchor="rm")
+    for k in range(5):
+        tt = 1 + (t_max - 1) * k / 4
+        x, _ = px(tt, 1)
+        draw.line([(x, y1), (x, y1 + 4)], fill=AXIS_COLOR)
+        draw.text((x, y1 + 6), f"{tt:.0f}", fill=AXIS_COLOR, font=font, anchor="mt")
+    draw.rectangle([x0, y0, x1, y1], outline=AXIS_COLOR)
+
+    points = [px(a, b) for a, b in zip(t, terms)]
+    if T is not None and len(points) > 1:
+        draw.line(points, fill=TERM_COLOR, width=2)
+    else:
+        for x, y in points:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=TERM_COLOR)
+    x, y = px(1, decoder)
+    draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=DECODER_COLOR)
+
+    unit = bound.unit
+    total = float(bound.total.mean())
+    estimate = "all timesteps" if T is not None else f"{bound.terms.shape[1]} sampled timesteps"
+    error = "" if bound.standard_error is None else f" +- {float(bound.standard_error.pow(2).mean().sqrt()):.3f}"
+    draw.text((x0, 8), f"bound {total:.4f}{error} {unit} ({len(bound.total)} image(s), {estimate})",
+              fill=AXIS_COLOR, font=font)
+    draw.text((x0, 24), f"L_T {float(bound.prior.mean() / scale):.3g}   L_0 (red) {decoder:.3g}   "
+                        f"sum of L_t-1 (blue) {total - decoder - float(bound.prior.mean() / scale):.3g}",
+              fill=AXIS_COLOR, font=font)
+    draw.text(((x0 + x1) / 2, HEIGHT - 14), "timestep t", fill=AXIS_COLOR, font=font, anchor="mm")
+    draw.text((x0, y0 - 14), f"term per timestep [{unit}], log scale", fill=AXIS_COLOR, font=font)
+    return image

@@ -336,6 +336,8 @@ def train_denoiser(opts, vae, network, text, images, captions, schedule, predict
             "train_text": train_text, "schedule": schedule.config, "prediction": prediction,
             "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed, "p_uncond": p_uncond,
             "images": len(images), "resolution": images.shape[-1], "scale_factor": scale}
+    if not train_text:  # a shared, frozen text encoder: resuming with another one would go unnoticed
+        info["text_digest"] = float(sum(p.detach().double().sum() for p in text.parameters()))
     modules = {"network": network, "text": text} if train_text else {"network": network}
     bounds = []
 

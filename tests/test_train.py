@@ -229,3 +229,19 @@ def test_held_out_bound_is_reported_at_every_save(tmp_path, data, capsys):
     assert all("bits/dim on 4 held-out images" in r for r in reports)
     last = train.held_out_bound(unet, text, vae, SCHEDULE, "eps", *held)
     assert f"bound {last.total.mean():.4f}" in reports[-1]
+
+
+def test_resume_refuses_another_frozen_text_encoder(tmp_path, data):
+    images, captions = data
+    vae = IdentityAutoencoder()
+    unet = train.UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
+    torch.manual_seed(0)
+    text = train.CLIPTextModel(TEXT)
+    train.train_denoiser(options(tmp_path, 5), vae, copy.deepcopy(unet), copy.deepcopy(text), images, captions,
+                         SCHEDULE, train_text=False)
+    other = copy.deepcopy(text)
+    with torch.no_grad():
+        other.text_model.final_layer_norm.bias.add_(0.01)
+    with pytest.raises(ValueError, match="other settings.*text_digest"):
+        train.train_denoiser(options(tmp_path, 10), vae, copy.deepcopy(unet), other, images, captions, SCHEDULE,
+                             train_text=False)

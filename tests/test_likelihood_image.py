@@ -199,3 +199,23 @@ def test_nll_command_names_a_missing_model(tmp_path, capsys):
     path = write(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
     assert main(["nll", path, "--model", "nope.safetensors", "--models-dir", str(tmp_path)]) == 1
     assert "no model 'nope.safetensors'" in capsys.readouterr().err
+
+
+def test_nodes_take_a_pixel_space_file_like_any_other(pixel_file):
+    from ldm_nodes import model_paths
+    from ldm_nodes.nodes import LDMDecodeLatent, LDMEmptyLatent, LDMEncodeImage, LDMLoadModel
+    saved = list(model_paths._model_dirs)
+    model_paths.set_model_dirs([pixel_file])
+    try:
+        model, text, vae = LDMLoadModel().load("pixel.safetensors", "auto")
+    finally:
+        model_paths.set_model_dirs(saved)
+    assert isinstance(vae.core, IdentityAutoencoder) and model.core.pixel_space and model.core.resolution == 8
+    (latent,) = LDMEmptyLatent().make(vae, 8, 8, 2)
+    assert latent["samples"].shape == (2, 3, 8, 8)
+    image = torch.randint(0, 256, (1, 8, 8, 3)).float() / 255
+    (encoded,) = LDMEncodeImage().encode(vae, image)
+    (decoded,) = LDMDecodeLatent().decode(vae, encoded)
+    torch.testing.assert_close(decoded, image)
+    nll, _ = LDMLikelihood().score(model, vae, image, "beta_tilde", 4)
+    assert nll > 0

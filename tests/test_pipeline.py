@@ -396,3 +396,31 @@ def test_encode_text_context_length_in_77_token_chunks(text_encoder, words, leng
     c = encode_text(text_encoder, text)
     assert isinstance(c, Conditioning) and c.text == text
     assert c.context.shape == (1, length, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel space: the identity autoencoder goes through the same functions
+
+
+def test_identity_autoencoder_through_the_latent_functions():
+    from ldm_nodes.core.autoencoder import IdentityAutoencoder
+    from ldm_nodes.core.preview import fit_latent_to_rgb
+    vae = IdentityAutoencoder()
+    assert empty_latent(vae, 24, 16, 2).shape == (2, 3, 16, 24)  # f = 1: any size
+    image = torch.randint(0, 256, (2, 16, 24, 3)).float() / 255
+    latent = encode_image(vae, image)
+    torch.testing.assert_close(latent, image.movedim(-1, 1) * 2 - 1)
+    torch.testing.assert_close(decode_latent(vae, latent), image)
+    a, b = fit_latent_to_rgb(vae)
+    torch.testing.assert_close(a, torch.eye(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(b, torch.zeros(3), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="4 channels; this pixel-space model takes 3"):
+        vae.encode(torch.zeros(1, 4, 8, 8))
+
+
+def test_pixel_model_samples_at_scale_one():
+    """scale_factor 1: the sampler works on the image in [-1, 1] itself."""
+    model = DiffusionModel(ZeroNet(), TrainingSchedule("linear", 1000, 1e-4, 0.02), "eps", 1.0, 3, pixel_space=True)
+    z = torch.full((1, 3, 4, 4), 0.5)
+    out = sample(model, z, COND, None, 0, "euler", 1.0, torch.tensor([2.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(out, z + 2.0 * fresh_noise(0, z.shape))  # D(x) = x leaves the start

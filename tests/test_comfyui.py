@@ -66,6 +66,7 @@ NODES = {  # contract (ARCHITECTURE.md section 2): input names in order, require
     "LDMSample": (["model", "schedule", "positive", "negative", "latent", "seed", "sampler_name", "cfg", "denoise"],
                   ["sigmas", "eta", "guidance_rescale", "ddpm_variance"]),
     "LDMDecodeLatent": (["vae", "samples"], []),
+    "LDMLikelihood": (["model", "vae", "image", "variance", "steps"], ["conditioning"]),
 }
 WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json"))
 
@@ -239,7 +240,7 @@ def test_pack_imports_without_errors(server):
     assert not ours, "tracebacks from the pack:\n" + "\n".join(ours)
 
 
-def test_object_info_lists_the_seven_nodes(server):
+def test_object_info_lists_the_nodes(server):
     info = asyncio.run(server.get_json("/object_info"))
     for name, (required, optional) in NODES.items():
         assert name in info, f"{name} missing from /object_info"
@@ -304,6 +305,27 @@ def test_api_workflow_runs(server, path):
         file = server.base / "output" / image["subfolder"] / image["filename"]
         with Image.open(file) as im:
             assert im.mode == "RGB" and min(im.size) >= 8
+
+
+def test_likelihood_node_scores_an_image_and_previews_its_plot(server):
+    """LoadImage -> LDMLikelihood (linked to the caption) -> PreviewImage of the plot: the FLOAT and
+    IMAGE outputs pass through the host, and progress reaches the end."""
+    prompt = {
+        "1": {"class_type": "LDMLoadModel", "inputs": {"ckpt_name": MODEL, "precision": "auto"}},
+        "2": {"class_type": "LDMEncodeText", "inputs": {"text_encoder": ["1", 1], "text": "a red circle"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "shapes.png"}},
+        "4": {"class_type": "LDMLikelihood", "inputs": {"model": ["1", 0], "vae": ["1", 2], "image": ["3", 0],
+                                                        "variance": "beta", "steps": 20, "conditioning": ["2", 0]}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
+    }
+    kind, data, progress, _, history = asyncio.run(server.run(prompt))
+    assert kind == "execution_success", f"{kind}: {data}\n{server.log_tail()}"
+    assert progress and {p["node"] for p in progress} == {"4"} and progress[-1]["value"] == progress[-1]["max"]
+    (image,) = history["outputs"]["5"]["images"]
+    assert image["type"] == "temp"
+    [file] = (server.base / "temp").rglob(image["filename"])  # ComfyUI nests a temp/ of its own in there
+    with Image.open(file) as im:
+        assert im.size == (640, 400)
 
 
 def test_model_from_extra_model_paths_runs(server):

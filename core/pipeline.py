@@ -207,6 +207,9 @@ def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, 
     if height % multiple or width % multiple:
         raise ValueError(f"image: {width}x{height} is not a multiple of {multiple} (the autoencoder's f times "
                          f"the denoiser's patch size)")
+    if not hasattr(model.schedule, "num_timesteps"):
+        raise ValueError("model: has no known training schedule, and the bound needs the alpha_bar it was "
+                         "trained with")
     T = model.schedule.num_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == 0 or 2 <= steps <= T - 1):
         raise ValueError(f"steps: 0 (all {T} timesteps) or a strided estimate of 2..{T - 1}, got {steps!r}")

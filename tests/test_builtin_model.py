@@ -1,4 +1,5 @@
 """The shipped model: listed first, within budget, deterministic per seed, still the image we shipped."""
+import json
 import sys
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from scene_analysis import analyse  # noqa: E402
 
 def test_listed_first_and_within_budget():
     assert LDMLoadModel.INPUT_TYPES()["required"]["ckpt_name"][0][0] == MODEL
+    assert model_paths.resolve_model(MODEL).stat().st_size < 25 * 1024 * 1024
     total = sum(p.stat().st_size for p in (PACK / "models").glob("*.safetensors"))
-    assert total < 25 * 1024 * 1024
+    assert total < 40 * 1024 * 1024
     meta = read_model_metadata(model_paths.resolve_model(MODEL))
     assert meta["prediction"] == "eps" and meta["training"]["data_seed"] == 0
 
@@ -59,3 +61,38 @@ def test_the_workflow_prompt_is_followed(tmp_path):
 def test_loads_in_half_precision():
     ck = load_checkpoint(model_paths.resolve_model(MODEL), dtype=torch.bfloat16)
     assert {p.dtype for p in ck.denoiser.parameters()} == {torch.bfloat16}
+
+
+# --- the pixel-space model (DDPM's setting) ----------------------------------------------------
+
+PIXEL = "builtin/tiny-shapes-pixel.safetensors"
+
+
+def nll(*args):
+    from ldm_nodes.__main__ import main
+    return main(["nll", *map(str, args), "--json"])
+
+
+def test_pixel_model_is_ddpm_in_pixel_space_sharing_the_text_encoder():
+    meta = read_model_metadata(model_paths.resolve_model(PIXEL))
+    assert meta["family"] == "unet" and meta["vae"] == {"channels": 3, "kind": "identity"}
+    assert meta["parts_from"] == {"text": MODEL} and meta["training"]["resolution"] == 32
+    assert meta["schedule"] == {"beta_schedule": "linear", "num_timesteps": 1000, "beta_start": 1e-4,
+                                "beta_end": 0.02, "zero_terminal_snr": False} and meta["prediction"] == "eps"
+
+
+def test_nll_of_the_example_scene_is_what_we_measured(capsys):
+    """The default command on the shipped 32x32 scene, every timestep: a golden number (regenerate it
+    only when the model changes on purpose), and far below the 8 bits/dim of storing it raw."""
+    assert nll(PACK / "input" / "shapes_32.png") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["unit"] == "bits/dim" and report["model"] == PIXEL
+    assert report["images"][0]["nll"] == pytest.approx(GOLDEN_NLL, abs=2e-3)
+
+
+def test_a_scene_costs_fewer_bits_than_uniform_noise(tmp_path, capsys):
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise)
+    assert nll(PACK / "input" / "shapes_32.png", noise, "--steps", "50") == 0
+    scene, noise = (r["nll"] for r in json.loads(capsys.readouterr().out)["images"])
+    assert scene < 8 < noise

@@ -93,8 +93,9 @@ def _nll(args):
         except ValueError as error:
             print(f"error: {path}: {error}", file=sys.stderr)
             return 1
-        row = {"image": path, "nll": float(bound.total[0]), "prior": float(bound.prior[0]),
-               "decoder": float(bound.decoder[0]), "nats": float(bound.nats[0])}
+        per_dim = bound.nats[0] / bound.total[0]  # nats per image -> the unit
+        row = {"image": path, "nll": float(bound.total[0]), "prior": float(bound.prior[0] / per_dim),
+               "decoder": float(bound.decoder[0] / per_dim), "nats": float(bound.nats[0])}
         if bound.standard_error is not None:
             row["standard_error"] = float(bound.standard_error[0])
         results.append(row)

@@ -418,30 +418,31 @@ def network_for(denoiser, vae, text_width):
     return UNetModel(replace(config, in_channels=channels, out_channels=channels, context_dim=text_width))
 
 
+def _reuse_or_train(path, label, train):
+    """A stage's autoencoder from `path` when an earlier run finished it (loss None), else train() and
+    save its result there."""
+    if os.path.exists(path):
+        print(f"{label}: using {path}", file=sys.stderr)
+        return load_autoencoder(path), None
+    vae, loss = train()
+    if _distributed()[0] == 0:
+        save_autoencoder(path, vae)
+    return vae, loss
+
+
 def _autoencoder(out_dir, images, vae_steps, vae_batch_size, vae_lr, decoder_steps, seed, device, save_every):
     """Stage 1 and the optional decoder fine-tune, each reused from <out> when already done.
     Returns (vae, final autoencoder loss, final decoder loss); losses are None for reused stages."""
-    rank = _distributed()[0]
-    vae_path = os.path.join(out_dir, "autoencoder.safetensors")
-    if os.path.exists(vae_path):
-        vae, vae_loss = load_autoencoder(vae_path), None
-        print(f"autoencoder: using {vae_path}", file=sys.stderr)
-    else:
-        opts = RunOptions(out_dir, vae_steps, vae_batch_size, vae_lr, seed=seed, device=device, save_every=save_every)
-        vae, vae_loss = train_autoencoder(opts, TINY_AUTOENCODER, images)
-        if rank == 0:
-            save_autoencoder(vae_path, vae)
+    def opts(steps):
+        return RunOptions(out_dir, steps, vae_batch_size, vae_lr, seed=seed, device=device, save_every=save_every)
+
+    vae, vae_loss = _reuse_or_train(os.path.join(out_dir, "autoencoder.safetensors"), "autoencoder",
+                                    lambda: train_autoencoder(opts(vae_steps), TINY_AUTOENCODER, images))
     decoder_loss = None
     if decoder_steps:
-        decoder_path = os.path.join(out_dir, "autoencoder-decoder.safetensors")
-        if os.path.exists(decoder_path):
-            vae = load_autoencoder(decoder_path)
-            print(f"decoder: using {decoder_path}", file=sys.stderr)
-        else:
-            opts = RunOptions(out_dir, decoder_steps, vae_batch_size, vae_lr, seed=seed, device=device, save_every=save_every)
-            vae, decoder_loss = finetune_decoder(opts, vae, images)
-            if rank == 0:
-                save_autoencoder(decoder_path, vae)
+        stage1 = vae
+        vae, decoder_loss = _reuse_or_train(os.path.join(out_dir, "autoencoder-decoder.safetensors"), "decoder",
+                                            lambda: finetune_decoder(opts(decoder_steps), stage1, images))
     return vae, vae_loss, decoder_loss
 
 

@@ -245,3 +245,22 @@ def test_resume_refuses_another_frozen_text_encoder(tmp_path, data):
     with pytest.raises(ValueError, match="other settings.*text_digest"):
         train.train_denoiser(options(tmp_path, 10), vae, copy.deepcopy(unet), other, images, captions, SCHEDULE,
                              train_text=False)
+
+
+def test_autoencoder_stages_are_trained_once_then_reused(tmp_path, data, monkeypatch, capsys):
+    images, captions = data
+    monkeypatch.setattr(train, "TINY_AUTOENCODER", VAE)
+    args = dict(batch_size=4, vae_batch_size=4, save_every=1, decoder_steps=2)
+    train.train_model(str(tmp_path), images, captions, 0, 2, 1, **args)
+    first = json.loads((tmp_path / "record.json").read_text())
+    assert first["final_autoencoder_loss"] is not None and first["final_decoder_loss"] is not None
+    stage1 = train.load_autoencoder(tmp_path / "autoencoder.safetensors")
+    tuned = train.load_autoencoder(tmp_path / "autoencoder-decoder.safetensors")
+    assert torch.equal(stage1.encoder.conv_in.weight, tuned.encoder.conv_in.weight)
+    assert not torch.equal(stage1.decoder.conv_out.weight, tuned.decoder.conv_out.weight)
+    capsys.readouterr()
+    train.train_model(str(tmp_path), images, captions, 0, 2, 1, **args)
+    err = capsys.readouterr().err
+    assert "autoencoder: using" in err and "decoder: using" in err
+    again = json.loads((tmp_path / "record.json").read_text())
+    assert again["final_autoencoder_loss"] is None and again["final_decoder_loss"] is None

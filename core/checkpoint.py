@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .autoencoder import (AutoencoderConfig, AutoencoderKL, IdentityAutoencoder, IdentityConfig,
+from .autoencoder import (AutoencoderKL, IdentityAutoencoder, IdentityConfig,
                           autoencoder_config_from_dict, infer_autoencoder_config)
 from .schedule import TrainingSchedule
 from .text import CLIPTextConfig, CLIPTextModel, infer_text_config

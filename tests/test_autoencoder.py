@@ -4,7 +4,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -13,26 +12,10 @@ import torch.nn.functional as F
 
 from ldm_nodes.core.autoencoder import (AutoencoderConfig, AutoencoderKL, DiagonalGaussian, blend_weights,
                                         infer_autoencoder_config)
+from ldm_nodes.core.randomise import randomise
 
 TINY = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 TINY3 = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
-
-
-def randomised(config, seed=0):
-    """A model with every parameter redrawn from a seeded generator, GroupNorm's 1 and 0 included,
-    so that a swapped or mis-mapped parameter changes the output."""
-    model = AutoencoderKL(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim > 1:                   # conv weight, scaled by fan-in to keep activations O(1)
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):   # GroupNorm scale
-                p.copy_(1 + 0.1 * noise)
-            else:                            # biases
-                p.copy_(0.1 * noise)
-    return model
 
 
 def shapes_of(model):
@@ -44,7 +27,7 @@ def test_parity_with_diffusers(config):
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    ours = randomised(config)
+    ours = randomise(AutoencoderKL(config))
     n = len(config.ch_mult)
     diffusers_config = dict(
         in_channels=config.in_channels, out_channels=config.out_channels, latent_channels=config.z_channels,
@@ -117,7 +100,7 @@ def test_config_inference_names_bad_keys():
 
 def test_attention_levels_are_used():
     config = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
-    model = randomised(config)
+    model = randomise(AutoencoderKL(config))
     x = torch.rand(1, 3, 8, 8) * 2 - 1
     z = torch.randn(1, 4, 4, 4)
     with torch.no_grad():
@@ -131,7 +114,7 @@ def test_attention_levels_are_used():
 
 def test_bfloat16_runs_with_float32_group_norm():
     """GroupNorm upcasts to float32 and hands back the module's dtype, so a bf16 model runs end to end."""
-    model = randomised(TINY)
+    model = randomise(AutoencoderKL(TINY))
     x = torch.rand(1, 3, 8, 8) * 2 - 1
     z = torch.randn(1, 4, 4, 4)
     with torch.no_grad():
@@ -182,7 +165,7 @@ def test_blend_weights_sum_to_one(size, tile, overlap, f):
 
 
 def test_decode_tiled_one_tile_is_exact():
-    model = randomised(TINY)
+    model = randomise(AutoencoderKL(TINY))
     z = torch.randn(1, 4, 6, 5)
     with torch.no_grad():
         assert torch.equal(model.decode_tiled(z, tile=6, overlap=2), model.decode(z))
@@ -205,7 +188,7 @@ def test_decode_tiled_is_close_to_decode():
     What blending guarantees exactly: the weights are a partition of unity, so at every pixel the error is
     at most the weighted error of the tiles that cover it, sum_i w_i |D(tile_i) - D(z)|.
     """
-    model = randomised(TINY)
+    model = randomise(AutoencoderKL(TINY))
     f, tile, overlap = TINY.f, 24, 8
     z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

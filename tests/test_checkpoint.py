@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from ldm_nodes.core import checkpoint as ck
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder, placement
+from ldm_nodes.core.randomise import randomise
 from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel
 from ldm_nodes.core.transformer import TransformerConfig, TransformerModel
@@ -253,13 +254,6 @@ def test_inference_without_metadata_matches_the_saved_config(tmp_path):
 TRANSFORMER = TransformerConfig(in_channels=4, out_channels=4, width=64, depth=2, heads=4, context_dim=64)
 
 
-def randomised(module, seed):
-    torch.manual_seed(seed)
-    for p in module.parameters():  # the transformer's zero-initialised layers would hide a mix-up
-        torch.nn.init.normal_(p, std=0.05)
-    return module
-
-
 def assert_same_weights(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -268,7 +262,7 @@ def assert_same_weights(a, b):
 
 
 def test_transformer_family_round_trip(tmp_path):
-    net = randomised(TransformerModel(TRANSFORMER), 1)
+    net = randomise(TransformerModel(TRANSFORMER), 1)
     _, vae, text = tiny_modules()
     ck.save_checkpoint(tmp_path / "t.safetensors", net, vae, text, TrainingSchedule(), "v", dtype=torch.float32)
     meta = ck.read_model_metadata(tmp_path / "t.safetensors")
@@ -313,7 +307,7 @@ def test_parts_from_a_builtin_model(builtin_dir, tmp_path):
     """A file that holds only its denoiser takes the autoencoder and text encoder from a built-in model."""
     unet, vae, text = tiny_modules()
     ck.save_checkpoint(builtin_dir / "base.safetensors", unet, vae, text, TrainingSchedule(), "eps", dtype=torch.float32)
-    net = randomised(TransformerModel(TRANSFORMER), 2)
+    net = randomise(TransformerModel(TRANSFORMER), 2)
     shared = {"vae": "builtin/base.safetensors", "text": "builtin/base.safetensors"}
     ck.save_checkpoint(tmp_path / "t.safetensors", net, vae, text, TrainingSchedule("linear"), "eps",
                        dtype=torch.float32, parts_from=shared)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm_nodes.core.randomise import randomise
 from ldm_nodes.core.text import (
     BOS_ID, EOS_ID, N_MERGES, VOCAB_PATH, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, encode_prompt,
     infer_text_config, parse_weights, tokenize_weighted,
@@ -176,21 +177,11 @@ def _tiny(activation="quick_gelu", vocab_size=49408):
                           max_positions=77, activation=activation)
 
 
-def _randomise(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.1 if "embedding" not in name else 1.0
-            centre = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-            p.copy_(centre + scale * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 @pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
 def test_clip_matches_transformers(tok, activation):
     transformers = pytest.importorskip("transformers")
     c = _tiny(activation)
-    ours = _randomise(CLIPTextModel(c))
+    ours = randomise(CLIPTextModel(c))
     hf_config = transformers.CLIPTextConfig(
         vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp_width,
         num_hidden_layers=c.layers, num_attention_heads=c.heads, max_position_embeddings=c.max_positions,
@@ -297,7 +288,7 @@ def test_infer_text_config_garbage(edit, key):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    return _randomise(CLIPTextModel(_tiny()), seed=2)
+    return randomise(CLIPTextModel(_tiny()), seed=2)
 
 
 @torch.no_grad()

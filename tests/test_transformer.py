@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ldm_nodes.core import transformer
+from ldm_nodes.core.randomise import randomise
 from ldm_nodes.core.transformer import (TransformerConfig, TransformerModel, infer_transformer_config,
                                         pos_embed_2d)
 
@@ -67,18 +68,6 @@ def diffusers_pixart(cfg):
         sample_size=cfg.base_size * cfg.patch_size, patch_size=cfg.patch_size, norm_type="ada_norm_single",
         use_additional_conditions=False, caption_channels=cfg.context_dim,
         interpolation_scale=cfg.interpolation_scale if cfg.interpolation_scale != 1 else None)
-
-
-def randomise(model, seed=0):
-    """Every parameter random: adaLN-Zero's modulation and the output layer start at zero in diffusers
-    (and its tables near zero), which would make a parity test vacuous. Weights N(0, 1 / fan_in),
-    everything else (biases, scale-shift tables) N(0, 0.1^2): activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(noise / p[0].numel() ** 0.5 if name.endswith(".weight") else 0.1 * noise)
-    return model.eval()
 
 
 @pytest.mark.parametrize("cfg, sizes", [(TINY, [(16, 16), (16, 12)]), (TINY_P1, [(8, 6), (10, 10)])],

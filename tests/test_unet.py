@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm_nodes.core.randomise import randomise
 from ldm_nodes.core.unet import UNetConfig, UNetModel, infer_unet_config, timestep_embedding
 
 PREFIX = "model.diffusion_model."
@@ -20,25 +21,6 @@ TINY_SD1 = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_
 TINY_SD2 = UNetConfig(in_channels=3, out_channels=6, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
                       attention_levels=(1, 2), transformer_depth=2, context_dim=24, num_head_channels=16,
                       use_linear_in_transformer=True)
-
-
-def randomise(model, seed=0):
-    """Every parameter random (zero-initialised output convs would make a parity test vacuous).
-
-    Norm scales 1 + N(0, 0.1), other weights N(0, 1 / fan_in), biases N(0, 0.1): activations stay O(1).
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=g)
-                if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and name == "weight":
-                    p.copy_(1 + 0.1 * noise)
-                elif name == "weight":
-                    p.copy_(noise / p[0].numel() ** 0.5)
-                else:
-                    p.copy_(0.1 * noise)
-    return model.eval()
 
 
 def diffusers_unet(cfg, checkpoint):

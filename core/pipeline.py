@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .accel import channels_last, fast_network
 from .autoencoder import IdentityAutoencoder, placement
 from .denoiser import Denoiser
 from .likelihood import variational_bound
@@ -115,7 +116,10 @@ def encode_image(vae, image):
 
 def decode_latent(vae, latent, tile_above=96):
     """Unscaled latent -> IMAGE [B, H, W, 3] in 0..1; tiled when a side exceeds `tile_above` latent pixels."""
-    z = latent.to(*placement(vae))
+    device, dtype = placement(vae)
+    if device.type == "cuda":
+        channels_last(vae)
+    z = latent.to(device, dtype)
     with torch.inference_mode():
         x = vae.decode_tiled(z) if max(z.shape[-2:]) > tile_above else vae.decode(z)
     if not torch.isfinite(x).all():
@@ -183,7 +187,7 @@ def sample(model, latent, positive, negative, seed, sampler_name, cfg, sigmas, g
     x = (z + noise * start_scale).to(param.device, param.dtype)
     cond = positive.context.to(param.device, param.dtype)
     uncond = negative.context.to(param.device, param.dtype) if negative is not None else None
-    denoiser = Denoiser(model.network, model.schedule, model.prediction, cond, uncond, cfg, guidance_rescale)
+    denoiser = Denoiser(fast_network(model.network), model.schedule, model.prediction, cond, uncond, cfg, guidance_rescale)
     with torch.inference_mode():
         x = get_sampler(sampler_name)(denoiser, x, sigmas, generator=generator, callback=callback, **options)
     return (x.float() / model.scale_factor).cpu()

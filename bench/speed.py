@@ -1,0 +1,258 @@
+"""Speed of our denoiser step, VAE decode and whole image beside diffusers', in the same process.
+
+    python bench/speed.py                       # CUDA when present: SD1.5 shapes, fp16 and bf16
+    python bench/speed.py --device cpu          # the built-in model's tiny shapes, fp32
+    python bench/speed.py --json results.json   # the same table as JSON
+
+Every model is built from its configuration with every parameter redrawn (core/randomise.py): speed
+does not depend on the values, but zero-initialised layers would let a kernel skip work. Rows:
+  - the UNet step at batch 1, 2 and 8 (batch 2 is one CFG step of one image), latent 64x64 on CUDA
+    (512x512 images) or the built-in 16x16 on the CPU: ours eagerly, ours through the sampler's fast
+    path (core/accel.py: channels-last and a captured CUDA graph; on the CPU the same as eager), and
+    diffusers' UNet2DConditionModel of the same shape;
+  - the VAE decode of one latent, in the row's precision and in fp32;
+  - one whole image: prompt and empty-prompt encoding, `--steps` dpmpp_2m CFG steps and decoding,
+    with its peak GPU memory. diffusers' twin runs the same work by hand (their text model, UNet, DPM++
+    2M scheduler and VAE) as StableDiffusionPipeline would.
+Times are medians of --repeats after warm-up. MFU is the step's FLOPs (torch's FlopCounterMode) per
+second over the rate of a square matmul (--matmul, 8192 on CUDA) timed in the same run and precision.
+diffusers and transformers are optional: without them only our rows print.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ldm_nodes.core.accel import channels_last, fast_network
+from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, decode_latent, sample
+from ldm_nodes.core.randomise import randomise
+from ldm_nodes.core.schedule import TrainingSchedule, sampling_schedule
+from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, encode_prompt, tokenize_weighted
+from ldm_nodes.core.train import TINY_AUTOENCODER, TINY_TEXT, TINY_UNET
+from ldm_nodes.core.unet import UNetConfig, UNetModel
+
+SD15_UNET = UNetConfig(4, 4, 320, (1, 2, 4, 4), 2, (0, 1, 2), 1, 768, num_heads=8)
+SHAPES = {  # device type -> (UNet, autoencoder, text encoder, image size)
+    "cuda": (SD15_UNET, AutoencoderConfig(), CLIPTextConfig(), 512),
+    "cpu": (TINY_UNET, TINY_AUTOENCODER, TINY_TEXT, 64),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def diffusers_unet(config, size):
+    """diffusers' UNet2DConditionModel with the shapes of our UNetConfig."""
+    from diffusers import UNet2DConditionModel
+
+    channels = [config.model_channels * m for m in config.channel_mult]
+    attn = [i in config.attention_levels for i in range(len(channels))]
+    return UNet2DConditionModel(
+        sample_size=size, in_channels=config.in_channels, out_channels=config.out_channels,
+        layers_per_block=config.num_res_blocks, block_out_channels=channels,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        cross_attention_dim=config.context_dim, transformer_layers_per_block=config.transformer_depth,
+        attention_head_dim=[config.heads(c) for c in channels],  # diffusers' legacy name: the number of heads
+        use_linear_projection=config.use_linear_in_transformer)
+
+
+def diffusers_vae(config):
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    n = len(config.ch_mult)
+    return DiffusersAutoencoderKL(
+        in_channels=config.in_channels, out_channels=config.out_channels, latent_channels=config.z_channels,
+        block_out_channels=[config.ch * m for m in config.ch_mult], layers_per_block=config.num_res_blocks,
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        scaling_factor=config.scale_factor)
+
+
+def transformers_text(config):
+    import transformers
+
+    return transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=config.vocab_size, hidden_size=config.width, intermediate_size=config.mlp_width,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads,
+        max_position_embeddings=config.max_positions, hidden_act=config.activation))
+
+
+def optional(build, *args):
+    """diffusers' / transformers' twin, or None where they are not installed."""
+    try:
+        return build(*args)
+    except ImportError:
+        return None
+
+
+def timed(fn, repeats, device):
+    """Median milliseconds of fn() over `repeats` calls after two warm-up calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def matmul_rate(n, dtype, device, repeats):
+    """FLOP/s of an n x n x n matmul: the peak MFU is measured against."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n**3 / (timed(lambda: a @ b, repeats, device) / 1000)
+
+
+def flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def prepare(module, device, dtype):
+    return randomise(module).to(device, dtype)
+
+
+def step_rows(unet, theirs, latent, context_dim, device, dtype, repeats, peak):
+    """Per batch: ours eager (NCHW), eager with channels-last weights, the sampler's fast path, diffusers."""
+    inputs = {}
+    for batch in (1, 2, 8):
+        inputs[batch] = (torch.randn(batch, 4, latent, latent, device=device, dtype=dtype),
+                         torch.full((batch,), 500.0, device=device),
+                         torch.randn(batch, 77, context_dim, device=device, dtype=dtype))
+    rows = [{"what": f"UNet step, batch {b}", "ours": timed(lambda: unet(*inputs[b]), repeats, device),
+             "flops": flops(lambda: unet(*inputs[b]))} for b in inputs]
+    channels_last(unet)
+    fast = fast_network(unet)
+    for row, (x, t, context) in zip(rows, inputs.values()):
+        row["ours_nhwc"] = timed(lambda: unet(x, t, context), repeats, device)
+        row["ours_fast"] = timed(lambda: fast(x, t, context), repeats, device)
+        if theirs is not None:
+            row["diffusers"] = timed(lambda: theirs(x, t, encoder_hidden_states=context), repeats, device)
+        row["mfu_fast"] = row["flops"] / (row["ours_fast"] / 1000) / peak
+    return rows
+
+
+def decode_rows(vae_config, theirs_vae, latent, device, dtype, repeats):
+    rows = []
+    for label in dict.fromkeys((dtype, "fp32")):
+        vae = prepare(AutoencoderKL(vae_config), device, DTYPES[label])
+        z = torch.randn(1, vae_config.embed_dim, latent, latent)
+        row = {"what": f"VAE decode, {label}", "ours": timed(lambda: decode_latent(vae, z), repeats, device)}
+        if theirs_vae is not None:
+            twin, zd = theirs_vae.to(device, DTYPES[label]), z.to(device, DTYPES[label])
+            row["diffusers"] = timed(lambda: twin.decode(zd).sample.float().cpu(), repeats, device)
+        rows.append(row)
+    return rows
+
+
+def image_row(unet, text, vae, twins, latent, steps, cfg, device, repeats):
+    """One whole image, ours through core/pipeline; diffusers' twin by hand."""
+    tokenizer = CLIPTokenizer()
+    schedule = TrainingSchedule("scaled_linear")
+    model = DiffusionModel(unet, schedule, "eps", vae.config.scale_factor, vae.config.embed_dim)
+    sigmas = sampling_schedule(schedule, steps, "karras").sigmas
+    start = torch.zeros(1, vae.config.embed_dim, latent, latent)
+
+    def ours():
+        with torch.inference_mode():
+            cond = Conditioning(encode_prompt(tokenizer, text, PROMPT), PROMPT)
+            uncond = Conditioning(encode_prompt(tokenizer, text, ""), "")
+        return decode_latent(vae, sample(model, start, cond, uncond, 0, "dpmpp_2m", cfg, sigmas))
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    row = {"what": f"whole image, {steps} CFG steps", "ours": timed(ours, repeats, device)}
+    if device.type == "cuda":
+        row["ours_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if None not in twins:
+        row["diffusers"] = timed(lambda: diffusers_image(*twins, tokenizer, latent, steps, cfg, device), repeats, device)
+    return row
+
+
+@torch.inference_mode()
+def diffusers_image(unet, text, vae, tokenizer, latent, steps, cfg, device):
+    from diffusers import DPMSolverMultistepScheduler
+
+    ids = torch.cat([tokenize_weighted(tokenizer, p)[0] for p in (PROMPT, "")]).to(device)
+    context = text(ids).last_hidden_state.to(unet.dtype)
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                            use_karras_sigmas=True)
+    scheduler.set_timesteps(steps, device=device)
+    x = torch.randn(1, 4, latent, latent, device=device, dtype=unet.dtype) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
+        cond, uncond = unet(x_in, t, encoder_hidden_states=context).sample.chunk(2)
+        x = scheduler.step(uncond + cfg * (cond - uncond), t, x).prev_sample
+    return vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample.float().cpu()
+
+
+def run(device, dtype, args):
+    unet_config, vae_config, text_config, size = SHAPES[device.type]
+    latent = size // vae_config.f
+    precision = DTYPES[dtype]
+    peak = matmul_rate(args.matmul or (8192 if device.type == "cuda" else 2048), precision, device, args.repeats)
+    with torch.inference_mode():
+        unet = prepare(UNetModel(unet_config), device, precision)
+        theirs = optional(diffusers_unet, unet_config, latent)
+        theirs = prepare(theirs, device, precision) if theirs is not None else None
+        rows = step_rows(unet, theirs, latent, unet_config.context_dim, device, precision, args.repeats, peak)
+        theirs_vae = optional(diffusers_vae, vae_config)
+        theirs_vae = randomise(theirs_vae) if theirs_vae is not None else None
+        rows += decode_rows(vae_config, theirs_vae, latent, device, dtype, args.repeats)
+    # the whole image as LDMLoadModel's precision would place it: the autoencoder in fp32 unless bf16
+    vae_precision = torch.bfloat16 if dtype == "bf16" else torch.float32
+    text = prepare(CLIPTextModel(text_config), device, precision)
+    vae = prepare(AutoencoderKL(vae_config), device, vae_precision)
+    twins = (theirs, optional(transformers_text, text_config), theirs_vae)
+    if None not in twins:
+        twins = (theirs, prepare(twins[1], device, precision), twins[2].to(device, vae_precision))
+    rows.append(image_row(unet, text, vae, twins, latent, args.steps or (30 if device.type == "cuda" else 20),
+                          args.cfg, device, max(3, args.repeats // 4)))
+    for row in rows:
+        row.update(device=str(device), dtype=dtype, matmul_tflops=peak / 1e12)
+    return rows
+
+
+def print_table(rows):
+    print(f"{'what':32} {'dtype':5} {'ours ms':>9} {'NHWC ms':>9} {'fast ms':>9} {'diffusers':>9} {'ratio':>6} {'MFU':>6}")
+    for r in rows:
+        best = min(r[k] for k in ("ours", "ours_nhwc", "ours_fast") if k in r)
+        ratio = f"{best / r['diffusers']:6.2f}" if "diffusers" in r else ""
+        cells = [f"{r[k]:9.2f}" if k in r else " " * 9 for k in ("ours", "ours_nhwc", "ours_fast", "diffusers")]
+        mfu = f"{r['mfu_fast']:6.1%}" if "mfu_fast" in r else ""
+        extra = f"  peak {r['ours_peak_gib']:.2f} GiB" if "ours_peak_gib" in r else ""
+        print(f"{r['what']:32} {r['dtype']:5} {' '.join(cells)} {ratio:>6} {mfu:>6}{extra}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default=None, help="comma-separated; default fp16,bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=0, help="whole-image steps; default 30 on CUDA, 20 on the CPU")
+    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--matmul", type=int, default=0, help="side of the peak matmul; default 8192 on CUDA, 2048 on the CPU")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    dtypes = (args.dtypes or ("fp16,bf16" if device.type == "cuda" else "fp32")).split(",")
+    print(f"torch {torch.__version__}, {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
+    rows = [row for dtype in dtypes for row in run(device, dtype, args)]
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,7 +36,7 @@ class CapturedNetwork:
         self.broken = False  # a capture failed: eager from then on
 
     def __call__(self, x, t, context):
-        if self.broken or x.device.type != "cuda" or torch.is_grad_enabled():
+        if self.broken or not self._eligible(x):
             return self.network(x, t, context)
         key = tuple((tuple(a.shape), a.dtype) for a in (x, t, context))
         if key in self.graphs:
@@ -51,6 +51,9 @@ class CapturedNetwork:
             warnings.warn(f"CUDA graph capture failed, sampling eagerly: {error}")
             return self.network(x, t, context)
         return self._replay(key, (x, t, context))
+
+    def _eligible(self, x):
+        return x.device.type == "cuda" and not torch.is_grad_enabled()
 
     def _side_stream(self, *inputs):
         """An eager call on a side stream, as torch asks of the calls before a capture."""

@@ -46,6 +46,50 @@ def test_captured_network_runs_eagerly_on_cpu():
     assert not captured.graphs
 
 
+class GraphOnCPU(accel.CapturedNetwork):
+    """The bookkeeping of CapturedNetwork with a stand-in for the CUDA graph: "replay" reruns the
+    network on the static buffers and writes into the static output, as a graph would."""
+
+    captures = 0
+
+    def _eligible(self, x):
+        return not torch.is_grad_enabled()
+
+    def _side_stream(self, *inputs):
+        return self.network(*inputs)
+
+    def _capture(self, x, t, context):
+        self.captures += 1
+        if x.shape[0] == 3:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        static = tuple(a.clone() for a in (x, t, context))
+        out = self.network(*static)
+        return type("Graph", (), {"replay": lambda _: out.copy_(self.network(*static))})(), static, out
+
+
+def test_capture_bookkeeping_warmup_replay_and_fallback():
+    net = networks()[0]
+    captured = GraphOnCPU(net)
+    with torch.inference_mode():
+        outputs = []
+        for seed in range(accel.WARMUP + 3):
+            x, t, c = inputs(seed=seed)
+            outputs.append(captured(x, t, c))
+            torch.testing.assert_close(outputs[-1], net(x, t, c), rtol=0, atol=0)  # new inputs copied in
+            assert len(captured.graphs) == (seed >= accel.WARMUP) and captured.captures == len(captured.graphs)
+        assert not torch.equal(outputs[-1], outputs[-2])  # each call returned its own tensor, not the buffer
+        for batch in (1, 4):  # other shapes get graphs of their own, up to MAX_GRAPHS
+            for _ in range(accel.WARMUP + 1):
+                captured(*inputs(batch=batch))
+        assert len(captured.graphs) == accel.MAX_GRAPHS and captured.captures == accel.MAX_GRAPHS
+        with pytest.warns(UserWarning, match="capture failed"):
+            broken = GraphOnCPU(net)
+            for _ in range(accel.WARMUP + 2):
+                x, t, c = inputs(batch=3)
+                torch.testing.assert_close(broken(x, t, c), net(x, t, c), rtol=0, atol=0)
+        assert broken.broken and broken.captures == 1  # one failed capture, eager from then on
+
+
 @pytest.mark.parametrize("make", [lambda: randomise(UNetModel(UNET)),
                                   lambda: randomise(AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=(1, 2),
                                                                                     num_res_blocks=1)))],

@@ -483,11 +483,12 @@ def train_model(out_dir, images, captions, data_seed, vae_steps, steps, batch_si
         if base and base[1].startswith(BUILTIN_PREFIX):
             parts_from = {"text": base[1]} if pixel else {"text": base[1], "vae": base[1]}
         record = {"data_seed": data_seed, "images": len(images), "resolution": images.shape[-1],
-                  "denoiser": denoiser, "pixel": pixel, "base": base[1] if base else None,
-                  "vae_steps": vae_steps, "vae_batch_size": vae_batch_size, "vae_lr": vae_lr,
-                  "decoder_steps": decoder_steps, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                  "device": device, "final_autoencoder_loss": vae_loss, "final_decoder_loss": decoder_loss,
-                  "final_denoiser_loss": loss, "wall_time_s_this_run": round(time.time() - started)}
+                  "denoiser": denoiser, "pixel": pixel, "base": base[1] if base else None}
+        if not (pixel or base_ck):  # the autoencoder stages ran here
+            record.update(vae_steps=vae_steps, vae_batch_size=vae_batch_size, vae_lr=vae_lr,
+                          decoder_steps=decoder_steps, final_autoencoder_loss=vae_loss, final_decoder_loss=decoder_loss)
+        record.update(steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device, final_denoiser_loss=loss,
+                      wall_time_s_this_run=round(time.time() - started))
         save_model(path, network, vae, text, schedule, prediction, record, parts_from)
         with open(os.path.join(out_dir, "record.json"), "w") as f:
             json.dump(record, f, indent=2)

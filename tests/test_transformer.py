@@ -210,3 +210,20 @@ def test_the_denoiser_drives_it_with_guidance():
         assert got.shape == x.shape and torch.isfinite(got).all()
         plain = Denoiser(model, TrainingSchedule("scaled_linear"), "v", cond)(x, 2.0)
     assert (got - plain).abs().max() > 1e-3  # the guidance reached the network's context
+
+
+@pytest.mark.parametrize("context_dim, width", [(64, 192), (768, 384), (4096, 1152)])
+def test_fresh_model_hears_the_caption_at_any_width(context_dim, width):
+    """From scratch, each block is the identity and the output 0 (adaLN-Zero), while the caption and
+    timestep MLPs carry unit-variance features at unit scale whatever their widths: PixArt's N(0, 0.02)
+    scales a 64-wide caption down about 30 times, so attention to it started uniform and position
+    words went unlearned."""
+    torch.manual_seed(0)
+    model = TransformerModel(TransformerConfig(4, 4, width, 1, width // 64, context_dim))
+    with torch.no_grad():
+        caption = model.caption_proj(torch.randn(4, 77, context_dim))
+        features = transformer.timestep_embedding(torch.linspace(0, 999, 64), model.config.frequency_dim)
+        out = model(torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0]), torch.randn(2, 77, context_dim))
+    assert 0.3 < caption.std() < 3
+    assert 0.3 < model.time_embed[0](features).std() / features.std() < 3
+    assert torch.count_nonzero(out) == 0

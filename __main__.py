@@ -12,22 +12,26 @@ def _train(args):
     from .core.train import train_model
     from .model_paths import resolve_model
 
-    base = None
-    if args.base:
+    models = {}
+    for option, name in (("base", args.base), ("init", args.init)):
         try:
-            base = (resolve_model(args.base), args.base)
+            models[option] = (resolve_model(name), name) if name else None
         except ValueError as error:
-            print(f"error: --base: {error}", file=sys.stderr)
+            print(f"error: --{option}: {error}", file=sys.stderr)
             return 1
     print(f"drawing {args.images} scenes (data seed {args.data_seed})", file=sys.stderr)
     images, captions = make_dataset(args.images, args.data_seed)
     held_out, held_out_captions = make_dataset(HELD_OUT, args.data_seed + 1)  # new renders for the bound
     if args.resolution != images.shape[-1]:
         images, held_out = downsample(images, args.resolution), downsample(held_out, args.resolution)
-    path = train_model(args.out, images, captions, args.data_seed, args.vae_steps, args.steps, args.batch_size,
-                       args.vae_batch_size, args.lr, args.vae_lr, args.prediction, args.seed, args.device, args.save_every,
-                       decoder_steps=args.decoder_steps, denoiser=args.denoiser, pixel=args.pixel, base=base,
-                       held_out=(held_out, held_out_captions))
+    try:
+        path = train_model(args.out, images, captions, args.data_seed, args.vae_steps, args.steps, args.batch_size,
+                           args.vae_batch_size, args.lr, args.vae_lr, args.prediction, args.seed, args.device,
+                           args.save_every, decoder_steps=args.decoder_steps, denoiser=args.denoiser, pixel=args.pixel,
+                           base=models["base"], held_out=(held_out, held_out_captions), init=models["init"])
+    except ValueError as error:  # a model that does not fit, or a saved state of other settings
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 
@@ -150,6 +154,9 @@ def main(argv=None):
     train.add_argument("--base", metavar="MODEL",
                        help="reuse this model's text encoder (frozen) and, unless --pixel, its autoencoder; "
                             "with a builtin/ model the result holds only the new parts")
+    train.add_argument("--init", metavar="MODEL",
+                       help="start the denoiser from this trained model's weights instead of random ones "
+                            "(fine-tuning, or more steps for a finished model); the steps count from 0")
     train.add_argument("--resolution", type=int, choices=[32, 64], default=64,
                        help="scene size; 32 box-downsamples the 64x64 scenes")
     train.add_argument("--device", default="cpu")

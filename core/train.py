@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder
-from .checkpoint import BUILTIN_PREFIX, load_checkpoint, save_checkpoint
+from .checkpoint import BUILTIN_PREFIX, load_checkpoint, read_model_metadata, save_checkpoint
 from .likelihood import variational_bound
 from .objective import l_simple
 from .schedule import TrainingSchedule
@@ -302,12 +302,13 @@ def latent_scale(vae, mean, std, seed):
 
 
 def train_denoiser(opts, vae, network, text, images, captions, schedule, prediction="eps",
-                   p_uncond=0.1, ema_decay=0.9995, train_text=True, fit_scale=True, held_out=None):
+                   p_uncond=0.1, ema_decay=0.9995, train_text=True, fit_scale=True, held_out=None, init=None):
     """Algorithm 1 on latents z = scale * (mean + std * n) of the frozen autoencoder (z = x in pixel
     space), for either denoiser family; the text encoder is trained jointly unless train_text is False
     (a shared, frozen one). A caption is replaced by the empty prompt with probability p_uncond.
     fit_scale: set the autoencoder's scale factor from these latents; False keeps a shared one's.
     held_out: (images, captions) scored by the variational bound (`held_out_bound`) at every save.
+    init: the name of the trained model the network starts from, if any (a resume with another is refused).
     Returns (network, text encoder, vae with its scale factor set), with EMA weights, and the last loss."""
     os.makedirs(opts.out_dir, exist_ok=True)
     torch.manual_seed(opts.seed)
@@ -338,6 +339,8 @@ def train_denoiser(opts, vae, network, text, images, captions, schedule, predict
             "images": len(images), "resolution": images.shape[-1], "scale_factor": scale}
     if not train_text:  # a shared, frozen text encoder: resuming with another one would go unnoticed
         info["text_digest"] = float(sum(p.detach().double().sum() for p in text.parameters()))
+    if init:
+        info["init"] = init
     modules = {"network": network, "text": text} if train_text else {"network": network}
     bounds = []
 
@@ -418,6 +421,22 @@ def network_for(denoiser, vae, text_width):
     return UNetModel(replace(config, in_channels=channels, out_channels=channels, context_dim=text_width))
 
 
+def initial_network(denoiser, vae, text_width, init=None):
+    """The network stage 2 starts from: network_for's fresh one, or the denoiser of the trained model
+    at init = (file, name), to fine-tune it or give it more steps. Its family, latent channels and
+    context width must fit this run."""
+    fresh = network_for(denoiser, vae, text_width)
+    if init is None:
+        return fresh
+    network = load_checkpoint(init[0]).denoiser
+    have = (type(network).__name__, network.config.in_channels, network.config.context_dim)
+    need = (type(fresh).__name__, fresh.config.in_channels, fresh.config.context_dim)
+    if have != need:
+        raise ValueError(f"--init {init[1]}: its denoiser is a {have[0]} for {have[1]}-channel inputs and "
+                         f"{have[2]}-wide text; this run needs a {need[0]} for {need[1]} and {need[2]}")
+    return network.train().requires_grad_(True)  # the loader hands out frozen modules for inference
+
+
 def _reuse_or_train(path, label, train):
     """A stage's autoencoder from `path` when an earlier run finished it (loss None), else train() and
     save its result there."""
@@ -448,7 +467,7 @@ def _autoencoder(out_dir, images, vae_steps, vae_batch_size, vae_lr, decoder_ste
 
 def train_model(out_dir, images, captions, data_seed, vae_steps, steps, batch_size=64, vae_batch_size=16,
                 lr=2e-4, vae_lr=1e-3, prediction="eps", seed=0, device="cpu", save_every=500, decoder_steps=0,
-                denoiser="unet", pixel=False, base=None, held_out=None):
+                denoiser="unet", pixel=False, base=None, held_out=None, init=None):
     """The whole recipe; writes <out>/model.safetensors, each stage resuming from its saved state.
     Returns the model's path.
 
@@ -458,6 +477,8 @@ def train_model(out_dir, images, captions, data_seed, vae_steps, steps, batch_si
     are reused; when its name is builtin/<file>, the result holds only the new parts and refers to
     the built-in file for the rest (ARCHITECTURE section 5), else it holds copies.
     held_out: (images, captions) whose variational bound is reported at every save.
+    init: (file, name) of a trained model whose denoiser the run starts from (`initial_network`); the
+    record keeps that model's own training record, so a model trained in several runs says so.
     """
     started, rank = time.time(), _distributed()[0]
     vae_loss = decoder_loss = None
@@ -471,12 +492,13 @@ def train_model(out_dir, images, captions, data_seed, vae_steps, steps, batch_si
                                                    decoder_steps, seed, device, save_every)
     text = copy.deepcopy(base_ck.text_encoder).float() if base_ck else CLIPTextModel(TINY_TEXT)
     torch.manual_seed(seed)
-    network = network_for(denoiser, vae, text.config.width)
+    network = initial_network(denoiser, vae, text.config.width, init)
     schedule = PIXEL_SCHEDULE if pixel else TINY_SCHEDULE
     opts = RunOptions(out_dir, steps, batch_size, lr, seed=seed, device=device, save_every=save_every)
     network, text, vae, loss = train_denoiser(opts, vae.float().to(device), network, text, images, captions,
                                               schedule, prediction, train_text=base_ck is None,
-                                              fit_scale=base_ck is None and not pixel, held_out=held_out)
+                                              fit_scale=base_ck is None and not pixel, held_out=held_out,
+                                              init=init[1] if init else None)
     path = os.path.join(out_dir, "model.safetensors")
     if rank == 0:
         parts_from = {}
@@ -484,6 +506,8 @@ def train_model(out_dir, images, captions, data_seed, vae_steps, steps, batch_si
             parts_from = {"text": base[1]} if pixel else {"text": base[1], "vae": base[1]}
         record = {"data_seed": data_seed, "images": len(images), "resolution": images.shape[-1],
                   "denoiser": denoiser, "pixel": pixel, "base": base[1] if base else None}
+        if init:
+            record["init"] = {"model": init[1], "training": read_model_metadata(init[0]).get("training")}
         if not (pixel or base_ck):  # the autoencoder stages ran here
             record.update(vae_steps=vae_steps, vae_batch_size=vae_batch_size, vae_lr=vae_lr,
                           decoder_steps=decoder_steps, final_autoencoder_loss=vae_loss, final_decoder_loss=decoder_loss)

@@ -215,6 +215,38 @@ def test_a_model_on_a_builtin_base_holds_only_its_denoiser(tmp_path, data, monke
         assert record["denoiser"] == denoiser and "vae_steps" not in record  # no autoencoder stage ran here
 
 
+def test_init_starts_the_denoiser_from_a_trained_model(tmp_path, data, monkeypatch):
+    """--init: the run starts from that model's denoiser (with no steps the result is the same weights),
+    keeps its training record, refuses a denoiser that does not fit, and a resume with another init."""
+    images, captions = data
+    builtin = tmp_path / "models"
+    builtin.mkdir()
+    monkeypatch.setattr(checkpoint, "BUILTIN_DIR", builtin)
+    monkeypatch.setattr(train, "TINY_TRANSFORMER", TransformerConfig(4, 4, 32, 1, 1, 32, base_size=4))
+    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 3), VAE, images)
+    unet, text = fresh()
+    train.save_model(builtin / "base.safetensors", unet, vae, text, SCHEDULE, "eps", {})
+    base = (builtin / "base.safetensors", "builtin/base.safetensors")
+    first = train.train_model(str(tmp_path / "first"), images, captions, 0, 0, 2, batch_size=4, denoiser="transformer",
+                              base=base, save_every=1)
+    init = (first, "first.safetensors")
+    path = train.train_model(str(tmp_path / "again"), images, captions, 0, 0, 0, batch_size=4,
+                             denoiser="transformer", base=base, init=init, seed=1)
+    started, trained = load_checkpoint(first).denoiser.state_dict(), load_checkpoint(path).denoiser.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in started.items())
+    record = checkpoint.read_model_metadata(path)["training"]
+    assert record["init"] == {"model": "first.safetensors", "training": checkpoint.read_model_metadata(first)["training"]}
+    assert record["init"]["training"]["steps"] == 2 and record["steps"] == 0
+    with pytest.raises(ValueError, match="--init base.safetensors: its denoiser is a UNetModel.*needs a TransformerModel"):
+        train.train_model(str(tmp_path / "mismatch"), images, captions, 0, 0, 1, batch_size=4, denoiser="transformer",
+                          base=base, init=(builtin / "base.safetensors", "base.safetensors"))
+    train.train_model(str(tmp_path / "resume"), images, captions, 0, 0, 1, batch_size=4, denoiser="transformer",
+                      base=base, init=init, save_every=1)
+    with pytest.raises(ValueError, match="other settings.*init"):
+        train.train_model(str(tmp_path / "resume"), images, captions, 0, 0, 2, batch_size=4, denoiser="transformer",
+                          base=base, init=(path, "again.safetensors"), save_every=1)
+
+
 def test_held_out_bound_is_reported_at_every_save(tmp_path, data, capsys):
     """Pixel space: the report is the strided bound in bits/dim of the held-out images, the same
     number held_out_bound gives for the network as it was at that save."""
@@ -265,3 +297,10 @@ def test_autoencoder_stages_are_trained_once_then_reused(tmp_path, data, monkeyp
     assert "autoencoder: using" in err and "decoder: using" in err
     again = json.loads((tmp_path / "record.json").read_text())
     assert again["final_autoencoder_loss"] is None and again["final_decoder_loss"] is None
+
+
+def test_train_command_names_a_missing_init_model(tmp_path, capsys):
+    from ldm_nodes.__main__ import main
+
+    assert main(["train", "--out", str(tmp_path), "--init", "builtin/no-such.safetensors"]) == 1
+    assert capsys.readouterr().err.startswith("error: --init: ")

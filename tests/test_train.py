@@ -304,3 +304,17 @@ def test_train_command_names_a_missing_init_model(tmp_path, capsys):
 
     assert main(["train", "--out", str(tmp_path), "--init", "builtin/no-such.safetensors"]) == 1
     assert capsys.readouterr().err.startswith("error: --init: ")
+
+
+def test_train_command_takes_another_runs_model_file_as_init(tmp_path):
+    """--init by path (a run's own model.safetensors is in no model folder): one step from the shipped
+    transformer's weights, and the record names the file."""
+    from ldm_nodes.__main__ import main
+    from ldm_nodes.model_paths import resolve_model
+
+    init = str(resolve_model("builtin/tiny-shapes-transformer.safetensors"))
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--base", "builtin/tiny-shapes.safetensors", "--init", init,
+                 "--denoiser", "transformer", "--images", "8", "--steps", "1", "--batch-size", "2"]) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["init"]["model"] == init and record["init"]["training"]["denoiser"] == "transformer"

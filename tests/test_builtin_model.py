@@ -58,12 +58,10 @@ def test_same_seed_same_image_other_seed_other_image(tmp_path):
     assert np.abs(txt2img(tmp_path / "c", **{"6.seed": 7}) - a).mean() > 1.0
 
 
-# The transformer misses #5's shape target (42.5 % against 85 %, models/README.md): its shapes are read
-# as squares more often than not, so its check leaves the shape out until a better model ships.
-@pytest.mark.parametrize("workflow, unmet", [("txt2img", ()), ("txt2img_transformer", ("shape",))])
-def test_the_workflow_prompt_is_followed(tmp_path, workflow, unmet):
+@pytest.mark.parametrize("workflow", ["txt2img", "txt2img_transformer"])
+def test_the_workflow_prompt_is_followed(tmp_path, workflow):
     caption = runner.load_workflow(PACK / "workflows" / "api" / f"{workflow}.json")["2"]["inputs"]["text"]
-    words = {k: v for k, v in parse_caption(caption).items() if k not in unmet}
+    words = parse_caption(caption)
     read = analyse(txt2img(tmp_path, workflow).astype(np.uint8))
     assert {k: read[k] for k in words} == words
 

@@ -10,11 +10,12 @@ HELD_OUT = 8  # scenes whose variational bound `train` reports at every save
 def _train(args):
     from .core.data import make_dataset, downsample
     from .core.train import train_model
+    from .model_paths import model_file
 
     models = {}
     for option, name in (("base", args.base), ("init", args.init)):
         try:
-            models[option] = (_model_file(name), name) if name else None
+            models[option] = (model_file(name), name) if name else None
         except ValueError as error:
             print(f"error: --{option}: {error}", file=sys.stderr)
             return 1
@@ -33,17 +34,6 @@ def _train(args):
         return 1
     print(path)
     return 0
-
-
-def _model_file(name):
-    """A trained model for --base or --init: a builtin/ name, a safetensors file's path (such as another
-    run's model.safetensors), or a name from the model folders."""
-    from .model_paths import BUILTIN_PREFIX, resolve_model
-
-    path = Path(name)
-    if not name.startswith(BUILTIN_PREFIX) and path.suffix == ".safetensors" and path.is_file():
-        return path
-    return resolve_model(name)
 
 
 def _run(args):

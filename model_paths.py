@@ -84,3 +84,12 @@ def resolve_model(name):
             return path
     where = ", ".join(str(r) for r in roots) or "no model folder (use --models-dir)"
     raise ValueError(f"ckpt_name: no model {name!r} in {where}")
+
+
+def model_file(name):
+    """A model named on a command line: a builtin/ name, a .safetensors file's path (such as a training
+    run's model.safetensors, which sits in no model folder), or a name from the model folders."""
+    path = Path(name)
+    if not name.startswith(BUILTIN_PREFIX) and path.suffix == EXTENSION and path.is_file():
+        return path
+    return resolve_model(name)

@@ -24,7 +24,7 @@ from ldm_nodes.core.checkpoint import load_checkpoint  # noqa: E402
 from ldm_nodes.core.data import held_out_captions, parse_caption  # noqa: E402
 from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, ScheduleSpec, decode_latent, sample  # noqa: E402
 from ldm_nodes.core.text import CLIPTokenizer, encode_prompt  # noqa: E402
-from ldm_nodes.model_paths import resolve_model  # noqa: E402
+from ldm_nodes.model_paths import model_file  # noqa: E402
 
 ATTRIBUTES = ("color", "background", "shape", "position", "size")
 TARGETS = {"color": 0.95, "background": 0.95, "position": 0.90, "shape": 0.85, "size": 0.90}
@@ -68,7 +68,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--json", help="write scores and per-image records here")
     args = parser.parse_args()
-    checkpoint = load_checkpoint(resolve_model(args.model) if args.model.startswith("builtin/") else args.model)
+    checkpoint = load_checkpoint(model_file(args.model))
     scores, records = evaluate(checkpoint, args.cfg, args.seeds)
     print(f"{args.model}: {len(records)} images, cfg {args.cfg}, 20-step dpmpp_2m (karras)")
     for a in ATTRIBUTES:

@@ -20,7 +20,7 @@ from ldm_nodes.core.checkpoint import load_checkpoint
 from ldm_nodes.core.data import downsample, make_dataset
 from ldm_nodes.core.pipeline import DiffusionModel, likelihood
 from ldm_nodes.core.text import CLIPTokenizer, encode_prompt
-from ldm_nodes.model_paths import resolve_model
+from ldm_nodes.model_paths import model_file
 
 SCENE_SEED = 12345
 
@@ -60,7 +60,7 @@ def main():
     parser.add_argument("--steps", type=int, default=0, help="0: all timesteps; K: strided estimate")
     parser.add_argument("--json", help="write the per-image figures here")
     args = parser.parse_args()
-    path = resolve_model(args.model) if args.model.startswith("builtin/") else args.model
+    path = model_file(args.model)
     checkpoint = load_checkpoint(path)
     model = DiffusionModel.from_checkpoint(checkpoint)
     resolution = checkpoint.resolution or 64

@@ -18,7 +18,7 @@ from ldm_nodes.core.checkpoint import load_checkpoint
 from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, ScheduleSpec, decode_latent, sample
 from ldm_nodes.core.text import CLIPTokenizer, encode_prompt
 from ldm_nodes.core.unet import UNetModel
-from ldm_nodes.model_paths import resolve_model
+from ldm_nodes.model_paths import model_file
 from speed import diffusers_unet, timed
 
 CPU = torch.device("cpu")
@@ -30,7 +30,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cfg", type=float, default=5.0)
     args = parser.parse_args()
-    ck = load_checkpoint(resolve_model(args.model) if args.model.startswith("builtin/") else args.model)
+    ck = load_checkpoint(model_file(args.model))
     vae, tokenizer = ck.vae, CLIPTokenizer()
     model = DiffusionModel.from_checkpoint(ck)
     sigmas = ScheduleSpec("model", 20, "karras").sigmas(ck.schedule)

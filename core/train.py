@@ -409,28 +409,23 @@ PIXEL_SCHEDULE = TrainingSchedule("linear", 1000, 1e-4, 0.02)
 DENOISERS = ("unet", "transformer")
 
 
-def network_for(denoiser, vae, text_width):
-    """The TINY_* denoiser of a family, sized to the autoencoder's channels and the text width."""
+def denoiser_config(denoiser, channels, text_width, pixel=False):
+    """The TINY_* config of a family, sized to the latent channels and the text width."""
     if denoiser not in DENOISERS:
         raise ValueError(f"denoiser: unknown {denoiser!r}; choose one of {', '.join(DENOISERS)}")
-    channels = vae.config.embed_dim
-    if denoiser == "transformer":
-        return TransformerModel(replace(TINY_TRANSFORMER, in_channels=channels, out_channels=channels,
-                                        context_dim=text_width))
-    config = TINY_PIXEL_UNET if isinstance(vae, IdentityAutoencoder) else TINY_UNET
-    return UNetModel(replace(config, in_channels=channels, out_channels=channels, context_dim=text_width))
+    config = TINY_TRANSFORMER if denoiser == "transformer" else TINY_PIXEL_UNET if pixel else TINY_UNET
+    return replace(config, in_channels=channels, out_channels=channels, context_dim=text_width)
 
 
-def initial_network(denoiser, vae, text_width, init=None):
-    """The network stage 2 starts from: network_for's fresh one, or the denoiser of the trained model
-    at init = (file, name), to fine-tune it or give it more steps. Its family, latent channels and
-    context width must fit this run."""
-    fresh = network_for(denoiser, vae, text_width)
-    if init is None:
-        return fresh
+NETWORKS = {UNetConfig: UNetModel, TransformerConfig: TransformerModel}
+
+
+def trained_network(init, config):
+    """The denoiser of the trained model at init = (file, name), to fine-tune it or give it more steps.
+    Its family, latent channels and context width must be those of `config`, the run's own."""
     network = load_checkpoint(init[0]).denoiser
     have = (type(network).__name__, network.config.in_channels, network.config.context_dim)
-    need = (type(fresh).__name__, fresh.config.in_channels, fresh.config.context_dim)
+    need = (NETWORKS[type(config)].__name__, config.in_channels, config.context_dim)
     if have != need:
         raise ValueError(f"--init {init[1]}: its denoiser is a {have[0]} for {have[1]}-channel inputs and "
                          f"{have[2]}-wide text; this run needs a {need[0]} for {need[1]} and {need[2]}")
@@ -477,22 +472,23 @@ def train_model(out_dir, images, captions, data_seed, vae_steps, steps, batch_si
     are reused; when its name is builtin/<file>, the result holds only the new parts and refers to
     the built-in file for the rest (ARCHITECTURE section 5), else it holds copies.
     held_out: (images, captions) whose variational bound is reported at every save.
-    init: (file, name) of a trained model whose denoiser the run starts from (`initial_network`); the
+    init: (file, name) of a trained model whose denoiser the run starts from (`trained_network`); the
     record keeps that model's own training record, so a model trained in several runs says so.
     """
     started, rank = time.time(), _distributed()[0]
     vae_loss = decoder_loss = None
     base_ck = load_checkpoint(base[0]) if base else None
-    if pixel:
-        vae = IdentityAutoencoder()
-    elif base_ck:
-        vae = base_ck.vae
-    else:
+    vae = IdentityAutoencoder() if pixel else base_ck.vae if base_ck else None
+    channels = TINY_AUTOENCODER.embed_dim if vae is None else vae.config.embed_dim
+    text_width = base_ck.text_encoder.config.width if base_ck else TINY_TEXT.width
+    config = denoiser_config(denoiser, channels, text_width, pixel)
+    start = trained_network(init, config) if init else None  # a misfit is refused before any stage runs
+    if vae is None:
         vae, vae_loss, decoder_loss = _autoencoder(out_dir, images, vae_steps, vae_batch_size, vae_lr,
                                                    decoder_steps, seed, device, save_every)
     text = copy.deepcopy(base_ck.text_encoder).float() if base_ck else CLIPTextModel(TINY_TEXT)
     torch.manual_seed(seed)
-    network = initial_network(denoiser, vae, text.config.width, init)
+    network = start if start is not None else NETWORKS[type(config)](config)
     schedule = PIXEL_SCHEDULE if pixel else TINY_SCHEDULE
     opts = RunOptions(out_dir, steps, batch_size, lr, seed=seed, device=device, save_every=save_every)
     network, text, vae, loss = train_denoiser(opts, vae.float().to(device), network, text, images, captions,

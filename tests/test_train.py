@@ -240,6 +240,11 @@ def test_init_starts_the_denoiser_from_a_trained_model(tmp_path, data, monkeypat
     with pytest.raises(ValueError, match="--init base.safetensors: its denoiser is a UNetModel.*needs a TransformerModel"):
         train.train_model(str(tmp_path / "mismatch"), images, captions, 0, 0, 1, batch_size=4, denoiser="transformer",
                           base=base, init=(builtin / "base.safetensors", "base.safetensors"))
+    monkeypatch.setattr(train, "TINY_AUTOENCODER", VAE)
+    with pytest.raises(ValueError, match="--init base.safetensors: its denoiser is a UNetModel"):  # before stage 1
+        train.train_model(str(tmp_path / "no-base"), images, captions, 0, 1, 1, batch_size=4, vae_batch_size=4,
+                          denoiser="transformer", init=(builtin / "base.safetensors", "base.safetensors"))
+    assert not (tmp_path / "no-base").exists() or not any((tmp_path / "no-base").iterdir())
     train.train_model(str(tmp_path / "resume"), images, captions, 0, 0, 1, batch_size=4, denoiser="transformer",
                       base=base, init=init, save_every=1)
     with pytest.raises(ValueError, match="other settings.*init"):

@@ -1,4 +1,5 @@
 """The shipped models: listed first, within budget, deterministic per seed, still the images we shipped."""
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -85,6 +86,23 @@ def test_transformer_model_holds_its_denoiser_and_shares_the_rest():
     assert ck.schedule.config == unet.schedule.config and ck.vae.config == unet.vae.config
     for a, b in zip(ck.text_encoder.parameters(), unet.text_encoder.parameters()):
         assert torch.equal(a, b)
+
+
+class ZeroEps(torch.nn.Module):
+    def forward(self, x, t, context):
+        return torch.zeros_like(x)
+
+
+def test_band_loss_is_one_for_a_zero_predictor_and_falls_with_noise_for_the_model():
+    """bench/band_loss.py: predicting eps = 0 scores E[eps^2] = 1 in every band; the shipped UNet
+    scores far less, and less the noisier z_t (at high noise z_t is mostly eps itself)."""
+    from band_loss import BANDS, band_losses, scenes
+    checkpoint = load_checkpoint(model_paths.resolve_model(MODEL))
+    images, captions = scenes(32)
+    zero = band_losses(dataclasses.replace(checkpoint, denoiser=ZeroEps()), images, captions)
+    assert zero == pytest.approx([1.0] * len(BANDS), abs=0.04)
+    trained = band_losses(checkpoint, images, captions)
+    assert trained[0] < 0.5 and all(a > b for a, b in zip(trained, trained[1:]))
 
 
 # --- the pixel-space model (DDPM's setting) ----------------------------------------------------

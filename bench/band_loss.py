@@ -21,7 +21,7 @@ from likelihood import SCENE_SEED  # noqa: E402
 from ldm_nodes.core.checkpoint import load_checkpoint  # noqa: E402
 from ldm_nodes.core.data import downsample, make_dataset  # noqa: E402
 from ldm_nodes.core.objective import q_sample, training_target  # noqa: E402
-from ldm_nodes.core.train import caption_ids  # noqa: E402
+from ldm_nodes.core.train import caption_ids, encode_dataset  # noqa: E402
 from ldm_nodes.model_paths import model_file  # noqa: E402
 
 BANDS = ((0, 50), (50, 150), (150, 300), (300, 500), (500, 700), (700, 850), (850, 1000))
@@ -40,9 +40,9 @@ def band_losses(checkpoint, images, captions, bands=BANDS, batch=64):
         network, vae, text = (m.float().eval() for m in (checkpoint.denoiser, checkpoint.vae, checkpoint.text_encoder))
         ids, _ = caption_ids(captions)
         context = text(ids)
-        posterior = vae.encode(images.float() / 127.5 - 1)
+        mean, std = encode_dataset(vae, images, "cpu")
         g = torch.Generator().manual_seed(SCENE_SEED)
-        z0 = vae.config.scale_factor * (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g))
+        z0 = vae.config.scale_factor * (mean + std * torch.randn(mean.shape, generator=g))
         losses = []
         for low, high in bands:
             t = torch.randint(low, high, (len(z0),), generator=g)

@@ -16,21 +16,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from likelihood import SCENE_SEED  # noqa: E402
+from likelihood import SCENE_SEED, scenes  # noqa: E402
 
 from ldm_nodes.core.checkpoint import load_checkpoint  # noqa: E402
-from ldm_nodes.core.data import downsample, make_dataset  # noqa: E402
 from ldm_nodes.core.objective import q_sample, training_target  # noqa: E402
 from ldm_nodes.core.train import caption_ids, encode_dataset  # noqa: E402
 from ldm_nodes.model_paths import model_file  # noqa: E402
 
 BANDS = ((0, 50), (50, 150), (150, 300), (300, 500), (500, 700), (700, 850), (850, 1000))
-
-
-def scenes(n, resolution=64):
-    """n held-out scenes as uint8 [n, 3, resolution, resolution] and their captions."""
-    images, captions = make_dataset(n, SCENE_SEED)
-    return (images if resolution == images.shape[-1] else downsample(images, resolution)), captions
 
 
 def band_losses(checkpoint, images, captions, bands=BANDS, batch=64):

@@ -25,15 +25,19 @@ from ldm_nodes.model_paths import model_file
 SCENE_SEED = 12345
 
 
+def scenes(n, resolution=64):
+    """n held-out scenes as uint8 [n, 3, resolution, resolution] and their captions."""
+    images, captions = make_dataset(n, SCENE_SEED)
+    return (images if resolution == images.shape[-1] else downsample(images, resolution)), captions
+
+
 def groups(resolution, n):
     """{name: (images [n, H, W, 3] in 0..1, captions or None)} for the three groups."""
-    scenes, captions = make_dataset(n, SCENE_SEED)
-    if resolution != scenes.shape[-1]:
-        scenes = downsample(scenes, resolution)
-    scenes = scenes.permute(0, 2, 3, 1).float() / 255
+    images, captions = scenes(n, resolution)
+    images = images.permute(0, 2, 3, 1).float() / 255
     g = torch.Generator().manual_seed(SCENE_SEED)
     noise = torch.randint(0, 256, (n, resolution, resolution, 3), generator=g).float() / 255
-    return {"scenes, their caption": (scenes, captions), "scenes, empty prompt": (scenes, None),
+    return {"scenes, their caption": (images, captions), "scenes, empty prompt": (images, None),
             "uniform noise, empty prompt": (noise, None)}
 
 

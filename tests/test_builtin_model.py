@@ -96,7 +96,8 @@ class ZeroEps(torch.nn.Module):
 def test_band_loss_is_one_for_a_zero_predictor_and_falls_with_noise_for_the_model():
     """bench/band_loss.py: predicting eps = 0 scores E[eps^2] = 1 in every band; the shipped UNet
     scores far less, and less the noisier z_t (at high noise z_t is mostly eps itself)."""
-    from band_loss import BANDS, band_losses, scenes
+    from band_loss import BANDS, band_losses
+    from likelihood import scenes
     checkpoint = load_checkpoint(model_paths.resolve_model(MODEL))
     images, captions = scenes(32)
     zero = band_losses(dataclasses.replace(checkpoint, denoiser=ZeroEps()), images, captions)

@@ -4,9 +4,18 @@ ComfyUI imports this folder as a custom-node package; `pip install -e .` install
 folder as the package `ldm_nodes`. Imports inside the pack are relative, so both work.
 """
 from . import model_paths
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
 
 WEB_DIRECTORY = "./web"
+
+try:  # inside ComfyUI: the nodes use its device, memory manager and progress bar
+    import comfy.model_management  # noqa: F401
+except ImportError:
+    pass
+else:
+    from .comfy_host import ComfyHost
+
+    host.configure(ComfyHost())
 
 try:  # inside ComfyUI: the model folder and the schedule route for the web panel
     from server import PromptServer

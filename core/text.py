@@ -9,6 +9,9 @@ unescaping), so ids match that tokenizer, which is what ComfyUI and diffusers us
 
 Text model: parameter names follow the SD1 checkpoint under `cond_stage_model.transformer.`
 (the HF `CLIPTextModel` layout), so an SD1.x state dict loads without renaming.
+
+Why this file is long: it is the whole text side of SD1.x, tokenizer and model, which share their
+constants (BOS/EOS ids, the 77-token context) and are checked together against transformers.
 """
 import dataclasses
 import functools

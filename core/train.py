@@ -28,6 +28,7 @@ from .autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder
 from .checkpoint import BUILTIN_PREFIX, load_checkpoint, read_model_metadata, save_checkpoint
 from .likelihood import variational_bound
 from .objective import l_simple
+from .progress import TextProgress
 from .schedule import TrainingSchedule
 from .text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, tokenize_weighted
 from .transformer import TransformerConfig, TransformerModel
@@ -69,10 +70,10 @@ class EMA:
 
 
 class Progress:
-    """One line on stderr: step, smoothed loss, samples per second and time left."""
+    """Step, smoothed loss, samples per second and time left, every `every` steps, on the pack's progress line."""
 
     def __init__(self, label, total, batch_size, start_step, every):
-        self.label, self.total, self.batch_size, self.every = label, total, batch_size, every
+        self.line, self.total, self.batch_size, self.every = TextProgress(label), total, batch_size, every
         self.start_step, self.start_time, self.loss = start_step, time.time(), None
 
     def update(self, step, loss):
@@ -83,8 +84,9 @@ class Progress:
         elapsed = max(time.time() - self.start_time, 1e-9)
         rate = done * self.batch_size / elapsed
         left = (self.total - step) * elapsed / max(done, 1)
-        print(f"\r{self.label} {step}/{self.total} loss {self.loss:.5f} {rate:.1f} samples/s "
-              f"{left / 60:.1f} min left", end="\n" if step == self.total else "", file=sys.stderr, flush=True)
+        self.line.update(step, self.total, f"loss {self.loss:.5f} {rate:.1f} samples/s {left / 60:.1f} min left")
+        if step == self.total:
+            self.line.close()
 
 
 def save_state(path, modules, optimizer, ema, step, generator, info):

@@ -1,59 +1,77 @@
-"""What the nodes need from their host, inside ComfyUI or in the headless runner.
+"""What the nodes need from their host: a device, memory management, progress and interruption.
 
-Inside ComfyUI (its `comfy` package importable): the torch device and memory manager of
-comfy.model_management, ProgressBar with preview images, and interruption. In the runner: the
-device given by --device and the runner's text progress bar. Nothing here computes anything.
+The nodes call the functions below and never ask who the host is. The layer above configures it
+once with `configure(host)`: ComfyUI's entry with `comfy_host.ComfyHost` (ComfyUI's device, memory
+manager, progress bar with previews and interruption), the headless runner with its own `Host`
+(the --device it was given, its text progress line). Until then this base `Host` serves: modules
+stay where they are put, on the CPU, and progress is silent. Nothing here computes anything, and
+nodes/ imports neither ComfyUI nor the runner.
 """
 import torch
 
-try:  # inside ComfyUI
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.utils
-except ImportError:
-    mm = None
 
+class Host:
+    """The headless host's defaults; a host overrides what it provides."""
 
-def in_comfyui():
-    return mm is not None
+    inside_comfyui = False  # ComfyUI's host: previews are shown, modules are loaded by its memory manager
 
+    def device(self):
+        """The device models run on."""
+        return torch.device("cpu")
 
-def device():
-    """The device models run on."""
-    if mm is not None:
-        return mm.get_torch_device()
-    from .. import runner
-    return torch.device(runner.device())
-
-
-def managed(module):
-    """Hand a module to ComfyUI's memory manager, so it is moved to the GPU when used and offloaded
-    or freed with ComfyUI's other models; outside ComfyUI the module is returned as it is."""
-    if mm is None:
+    def managed(self, module):
+        """A handle for `module` that the host may move between devices (here: the module itself)."""
         return module
-    return comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
 
-
-def use(handle):
-    """The module behind a `managed` handle, loaded onto the device for use."""
-    if mm is None:
+    def use(self, handle):
+        """The module behind a `managed` handle, loaded onto the device for use."""
         return handle
-    mm.load_model_gpu(handle)
-    return handle.model
+
+    def progress(self, total):
+        """A progress report for a node about to take `total` steps (here: silent)."""
+        return Progress(total)
 
 
 class Progress:
-    """Step progress for a node: ComfyUI's progress bar (with a preview image), or the runner's."""
+    """One node's progress: `update(done, preview=None)` reports `done` of `total` steps, with an
+    optional preview image, and raises the host's interruption if the user asked for one."""
 
     def __init__(self, total):
         self.total = total
-        self.bar = comfy.utils.ProgressBar(total) if mm is not None else None
 
     def update(self, done, preview=None):
-        if self.bar is not None:
-            mm.throw_exception_if_processing_interrupted()
-            self.bar.update_absolute(done, self.total, ("JPEG", preview, 512) if preview is not None else None)
-        else:
-            from .. import runner
-            runner.progress(done, self.total)
+        pass
+
+
+_host = Host()
+
+
+def configure(host):
+    """Make `host` the one the nodes use (ComfyUI's entry and the runner call this)."""
+    global _host
+    _host = host
+
+
+def current():
+    return _host
+
+
+def in_comfyui():
+    return _host.inside_comfyui
+
+
+def device():
+    return _host.device()
+
+
+def managed(module):
+    return _host.managed(module)
+
+
+def use(handle):
+    return _host.use(handle)
+
+
+def progress(total):
+    """The host's progress report for a node about to take `total` steps."""
+    return _host.progress(total)

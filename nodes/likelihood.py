@@ -45,7 +45,7 @@ class LDMLikelihood:
 
     def score(self, model, vae, image, variance, steps, conditioning=None):
         core = model.get()
-        progress = host.Progress(1)
+        progress = host.progress(1)
 
         def update(done, total):
             progress.total = total

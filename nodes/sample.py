@@ -64,7 +64,7 @@ class LDMSample:
         latent_to_rgb = model.latent_to_rgb() if host.in_comfyui() else None
         core = model.get()
         run = run_sigmas(core, schedule, denoise, sigmas)
-        progress = host.Progress(len(run) - 1)
+        progress = host.progress(len(run) - 1)
 
         def callback(step):
             preview = None

@@ -1,0 +1,178 @@
+"""Stand-ins for the ComfyUI core nodes a headless run needs, with ComfyUI's input names and semantics.
+
+SaveImage writes <out>/<filename_prefix>_00001_.png, ... (numbering continues after the files
+already there) and refuses a prefix that leaves <out>; PreviewImage writes the same way to
+<out>/temp/ComfyUI_temp_00001_.png, ... (ComfyUI's temp folder; delete it freely). LoadImage reads
+names inside the input folder only. The folders are those of the run in progress (`session()`),
+which the runner sets with `using(Session(...))`.
+"""
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .core.images import read_image
+
+
+@dataclass
+class Session:
+    """The folders and hidden values (PROMPT, EXTRA_PNGINFO, UNIQUE_ID) of the run in progress."""
+
+    out_dir: Path = Path("output")
+    input_dir: Path = Path("input")
+    prompt: dict | None = None
+    extra_pnginfo: dict | None = None
+
+    @property
+    def temp_dir(self):
+        return self.out_dir / "temp"
+
+    def hidden(self, kind, node_id):
+        return {"PROMPT": self.prompt, "EXTRA_PNGINFO": self.extra_pnginfo, "UNIQUE_ID": node_id}.get(kind)
+
+
+_session = Session()
+
+
+@contextmanager
+def using(session):
+    global _session
+    previous, _session = _session, session
+    try:
+        yield session
+    finally:
+        _session = previous
+
+
+def session():
+    """The run in progress (default folders ./output and ./input outside a run)."""
+    return _session
+
+
+def _check(function, *args):
+    """VALIDATE_INPUTS' verdict on function(*args): True, or the message of its ValueError.
+
+    The last argument is the input checked; None (a linked input) is left to run time."""
+    if args[-1] is None:
+        return True
+    try:
+        function(*args)
+    except ValueError as error:
+        return str(error)
+    return True
+
+
+def _save_target(root, filename_prefix):
+    """(folder, file name prefix, subfolder) for a SaveImage prefix; ValueError if it leaves `root`."""
+    relative = os.path.normpath(filename_prefix)
+    subfolder, name = os.path.split(relative)
+    root = Path(root).resolve()
+    folder = (root / subfolder).resolve()
+    if not folder.is_relative_to(root) or name in ("", ".", ".."):
+        raise ValueError(f"filename_prefix: {filename_prefix!r} must name files inside the output folder {root}")
+    return folder, name, subfolder.replace(os.sep, "/")
+
+
+def _next_counter(folder, name):
+    pattern = re.compile(re.escape(os.path.normcase(name)) + r"_(\d+)_")
+    numbers = [int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(os.path.normcase(f)))]
+    return max(numbers, default=0) + 1
+
+
+def _png_info(prompt, extra_pnginfo):
+    info = PngInfo()
+    if prompt is not None:
+        info.add_text("prompt", json.dumps(prompt))
+    for key, value in (extra_pnginfo or {}).items():
+        info.add_text(key, json.dumps(value))
+    return info
+
+
+def _save_pngs(images, root, filename_prefix, kind, compress_level, prompt, extra_pnginfo):
+    folder, name, subfolder = _save_target(root, filename_prefix)
+    folder.mkdir(parents=True, exist_ok=True)
+    counter, info = _next_counter(folder, name), _png_info(prompt, extra_pnginfo)
+    results = []
+    for index, image in enumerate(images):
+        pixels = np.clip(255.0 * image.detach().cpu().float().numpy(), 0, 255).astype(np.uint8)
+        file = f"{name}_{counter + index:05}_.png"
+        Image.fromarray(pixels).save(folder / file, pnginfo=info, compress_level=compress_level)
+        results.append({"filename": file, "subfolder": subfolder, "type": kind})
+    return {"ui": {"images": results}}
+
+
+class SaveImage:
+    """ComfyUI's SaveImage: numbered PNGs in the output folder, with the workflow embedded."""
+    RETURN_TYPES = ()
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+    CATEGORY = "image"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix):
+        return _check(_save_target, _session.out_dir, filename_prefix)
+
+    def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        return _save_pngs(images, _session.out_dir, filename_prefix, "output", 4, prompt, extra_pnginfo)
+
+
+class PreviewImage:
+    """ComfyUI's PreviewImage: headless, numbered PNGs in <out>/temp (ComfyUI_temp_00001_.png, ...)."""
+    RETURN_TYPES = ()
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+    CATEGORY = "image"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",)}, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def save_images(self, images, prompt=None, extra_pnginfo=None):
+        return _save_pngs(images, _session.temp_dir, "ComfyUI_temp", "temp", 1, prompt, extra_pnginfo)
+
+
+def _input_file(name):
+    root = _session.input_dir.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"image: {name!r} resolves outside the input folder {root}")
+    if not path.is_file():
+        raise ValueError(f"image: no file {name!r} in the input folder {root}")
+    return path
+
+
+class LoadImage:
+    """ComfyUI's LoadImage: IMAGE [1,H,W,3] and MASK [1,H,W] = 1 - alpha (zeros 64x64 without alpha)."""
+    RETURN_TYPES = ("IMAGE", "MASK")
+    FUNCTION = "load_image"
+    CATEGORY = "image"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        folder = _session.input_dir
+        files = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        return {"required": {"image": (files, {"image_upload": True})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image):
+        return _check(_input_file, image)
+
+    def load_image(self, image):
+        rgb, alpha = read_image(_input_file(image), name="image")
+        mask = 1 - alpha if alpha is not None else np.zeros((64, 64), dtype=np.float32)
+        return torch.from_numpy(rgb)[None], torch.from_numpy(mask)[None]
+
+
+STAND_INS = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "LoadImage": LoadImage}

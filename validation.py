@@ -1,0 +1,250 @@
+"""A workflow's graph as ComfyUI checks it: the nodes' declared inputs, links and their types,
+widget values against their limits, VALIDATE_INPUTS, and the order to execute in.
+
+Semantics (ComfyUI's execution.py): every node's class_type must be known; only the nodes that
+output nodes (OUTPUT_NODE = True) need are validated and executed, each once, in dependency order,
+and a workflow without an output node is refused. A list value is a link [node_id, output_index];
+links are type-checked as ComfyUI does (equal, "*", or overlapping comma-separated names). Widget
+values are checked for type (INT, FLOAT, BOOLEAN, STRING; stricter than ComfyUI, which would
+coerce "12" to 12), min/max and COMBO membership, except for the inputs a VALIDATE_INPUTS
+classmethod takes, which ComfyUI leaves to it (linked ones arrive as None); a string it returns is
+an error, and it should name the input in it ("ckpt_name: ..."). Input names a class does not
+declare are ignored; optional inputs are passed only when given; hidden inputs PROMPT,
+EXTRA_PNGINFO and UNIQUE_ID are filled in; FLOAT widgets get floats (JSON writes 7.0 as 7).
+Unlike ComfyUI, which still runs the outputs that validate, any problem stops the whole run, and
+a link from an undeclared input does not make its source run.
+"""
+import inspect
+
+from .standins import session
+
+PRIMITIVES = {"INT": ((int,), "an integer"), "FLOAT": ((int, float), "a number"),
+              "BOOLEAN": ((bool,), "true or false"), "STRING": ((str,), "a string")}
+
+
+class WorkflowError(Exception):
+    """A workflow that cannot run: unreadable file, bad override, invalid graph or failing node."""
+
+
+class ValidationError(WorkflowError):
+    """Every problem found before running; `errors` holds one line per problem."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        count = f"{len(self.errors)} problem" + ("s" if len(self.errors) > 1 else "")
+        super().__init__(f"invalid workflow ({count}):\n" + "\n".join("  " + e for e in self.errors))
+
+
+class NodeError(WorkflowError):
+    """A node that raised while running (the original exception is chained as __cause__)."""
+
+    def __init__(self, node_id, class_type, message):
+        self.node_id, self.class_type = node_id, class_type
+        super().__init__(f"node {node_id} ({class_type}): {message}")
+
+
+# ----------------------------------------------------------------------------- node declarations
+
+def _inputs(node):
+    return node.get("inputs", {})
+
+
+def input_specs(cls):
+    """{name: (type, options, "required"|"optional")} for the inputs a class declares."""
+    declared = cls.INPUT_TYPES()
+    return {name: (spec[0], spec[1] if len(spec) > 1 else {}, category)
+            for category in ("required", "optional") for name, spec in declared.get(category, {}).items()}
+
+
+def _hidden_specs(cls):
+    return cls.INPUT_TYPES().get("hidden", {})
+
+
+def _is_link(value):
+    return isinstance(value, list)
+
+
+def _combo_options(kind, options):
+    if isinstance(kind, list):
+        return kind
+    return options.get("options") if kind == "COMBO" else None
+
+
+def _validator_inputs(cls, specs):
+    """The input names VALIDATE_INPUTS receives (all of them when it takes **kwargs)."""
+    validator = getattr(cls, "VALIDATE_INPUTS", None)
+    if validator is None:
+        return set()
+    params = inspect.signature(validator).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return set(specs) | set(_hidden_specs(cls))
+    return {p.name for p in params}
+
+
+def call_kwargs(node_id, node, cls, results):
+    """Keyword arguments for the node's function; linked inputs are None when `results` is None."""
+    kwargs = {}
+    for name, (kind, _, _) in input_specs(cls).items():
+        if name not in _inputs(node):
+            continue
+        value = _inputs(node)[name]
+        if _is_link(value):
+            kwargs[name] = None if results is None else results[str(value[0])][value[1]]
+        else:
+            kwargs[name] = float(value) if kind == "FLOAT" else value
+    for name, kind in _hidden_specs(cls).items():
+        kwargs[name] = session().hidden(kind, node_id)
+    return kwargs
+
+
+# ----------------------------------------------------------------------------- validation
+
+def validate_graph(prompt, registry):
+    """The ids of the nodes to execute, in order; ValidationError listing every problem otherwise."""
+    if not isinstance(prompt, dict):
+        raise ValidationError(["workflow: expected a JSON object mapping node ids to nodes"])
+    classes, errors = _known_classes(prompt, registry)
+    outputs = sorted((i for i, cls in classes.items() if getattr(cls, "OUTPUT_NODE", False) is True), key=_id_order)
+    if not outputs:
+        errors.append("workflow: no output node (SaveImage, PreviewImage or another node with OUTPUT_NODE = True); "
+                      "ComfyUI refuses such a workflow too")
+    order, cycle_errors = _execution_order(outputs, prompt, classes)
+    for node_id in order:
+        errors += _node_problems(node_id, prompt, classes)
+    errors += cycle_errors
+    if errors:
+        raise ValidationError(errors)
+    return order
+
+
+def _known_classes(prompt, registry):
+    classes, errors = {}, []
+    for node_id, node in prompt.items():
+        class_type = node.get("class_type") if isinstance(node, dict) else None
+        if not isinstance(class_type, str) or not isinstance(_inputs(node), dict):
+            errors.append(f"node {node_id}: expected {{\"class_type\": ..., \"inputs\": {{...}}}}")
+        elif class_type not in registry:
+            errors.append(f"node {node_id} ({class_type}): no such node; headless runs know only this pack's nodes "
+                          "and the stand-ins SaveImage, PreviewImage and LoadImage")
+        else:
+            classes[node_id] = registry[class_type]
+    return classes, errors
+
+
+def _id_order(node_id):
+    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+
+
+def _links(node, cls):
+    """(input name, source node id) for the declared inputs that are links."""
+    specs = input_specs(cls)
+    return [(name, str(value[0])) for name, value in _inputs(node).items() if name in specs and _is_link(value) and value]
+
+
+def _execution_order(outputs, prompt, classes):
+    """Depth-first from the output nodes: (the nodes they need, dependencies first; cycle errors)."""
+    order, state, errors = [], {}, []
+
+    def visit(node_id, path):  # path: the nodes from an output down to node_id
+        state[node_id] = "open"
+        for name, source in _links(prompt[node_id], classes[node_id]):
+            if state.get(source) == "open":
+                cycle = " -> ".join(path[path.index(source):] + [source])
+                errors.append(f"{_where(node_id, prompt, name)}: dependency cycle {cycle}")
+            elif source in classes and source not in state:
+                visit(source, path + [source])
+        state[node_id] = "done"
+        order.append(node_id)
+
+    for node_id in outputs:
+        if node_id not in state:
+            visit(node_id, [node_id])
+    return order, errors
+
+
+def _where(node_id, prompt, name=None):
+    text = f"node {node_id} ({prompt[node_id]['class_type']})"
+    return f"{text} input {name!r}" if name else text
+
+
+def _node_problems(node_id, prompt, classes):
+    node, cls = prompt[node_id], classes[node_id]
+    specs = input_specs(cls)
+    validated_by_node = _validator_inputs(cls, specs)
+    errors = []
+    for name, (kind, options, category) in specs.items():
+        if name not in _inputs(node):
+            problem = "required input is missing" if category == "required" else None
+        elif _is_link(_inputs(node)[name]):
+            problem = _link_problem(_inputs(node)[name], kind, prompt, classes)
+        else:
+            problem = _value_problem(_inputs(node)[name], kind, options, name not in validated_by_node)
+        if problem:
+            errors.append(f"{_where(node_id, prompt, name)}: {problem}")
+    if validated_by_node and not errors:
+        errors += _custom_problems(node_id, prompt, cls, validated_by_node)
+    return errors
+
+
+def _link_problem(link, kind, prompt, classes):
+    if len(link) != 2 or not isinstance(link[0], (str, int)) or type(link[1]) is not int:
+        return f"bad link {link!r}: expected [node_id, output_index]"
+    source, index = str(link[0]), link[1]
+    if source not in prompt:
+        return f"links to node {source}, which is not in the workflow"
+    if source not in classes:
+        return None  # the source node's own error says why
+    returns = classes[source].RETURN_TYPES
+    if not 0 <= index < len(returns):
+        return f"links to output {index} of {_where(source, prompt)}, which has {len(returns)} outputs"
+    if not _types_match(returns[index], kind):
+        return f"takes {_type_name(kind)}, but output {index} of {_where(source, prompt)} is {_type_name(returns[index])}"
+    return None
+
+
+def _type_name(kind):
+    return "COMBO" if isinstance(kind, list) else kind
+
+
+def _types_match(received, expected):
+    received, expected = _type_name(received), _type_name(expected)
+    if received == expected or "*" in (received, expected):
+        return True
+    return bool({t.strip() for t in received.split(",")} & {t.strip() for t in expected.split(",")})
+
+
+def _value_problem(value, kind, options, check_limits):
+    combo = _combo_options(kind, options)
+    if combo is not None:
+        return None if not check_limits or value in combo else f"{value!r} is not one of {_shorten(combo)}"
+    if kind == "*":
+        return None
+    if kind not in PRIMITIVES:
+        return f"must be linked to an output of type {kind}, not set to {value!r}"
+    types, description = PRIMITIVES[kind]
+    if not isinstance(value, types) or (isinstance(value, bool) and kind != "BOOLEAN"):
+        return f"expects {description}, got {value!r}"
+    return _range_problem(value, options) if check_limits and kind in ("INT", "FLOAT") else None
+
+
+def _range_problem(value, options):
+    if "min" in options and value < options["min"]:
+        return f"{value} is below the minimum {options['min']}"
+    if "max" in options and value > options["max"]:
+        return f"{value} is above the maximum {options['max']}"
+    return None
+
+
+def _shorten(options):
+    return repr(options) if len(options) <= 20 else repr(options[:20])[:-1] + f", ...] ({len(options)} options)"
+
+
+def _custom_problems(node_id, prompt, cls, names):
+    kwargs = call_kwargs(node_id, prompt[node_id], cls, None)
+    try:
+        verdict = cls.VALIDATE_INPUTS(**{k: v for k, v in kwargs.items() if k in names})
+    except Exception as error:  # a validator's own bug is reported like a failed check
+        return [f"{_where(node_id, prompt)}: VALIDATE_INPUTS raised {type(error).__name__}: {error}"]
+    if verdict is True:
+        return []
+    return [f"{_where(node_id, prompt)}: {verdict if verdict is not False else 'VALIDATE_INPUTS failed'}"]

@@ -53,10 +53,9 @@ from aiohttp import web
 from . import model_paths
 from .core import checkpoint
 from .core.pipeline import ScheduleSpec
-from .core.schedule import BETA_SCHEDULES, SPACINGS, TrainingSchedule, sampling_schedule
+from .core.schedule import SPACINGS, TrainingSchedule, sampling_schedule
 
 SCHEDULE_PATH = "/ldm/schedule"
-BETA_SCHEDULE_OPTIONS = ("model", *BETA_SCHEDULES)
 STEPS_RANGE = (1, 1000)
 NUM_TIMESTEPS_RANGE = (2, 10000)
 DEFAULT_NUM_TIMESTEPS = 1000
@@ -112,7 +111,7 @@ def _boolean(query, name):
 def parse_schedule_query(query):
     """Validated parameters of GET /ldm/schedule from a (multi)dict of strings; BadRequest otherwise."""
     params = {
-        "beta_schedule": _choice(query, "beta_schedule", BETA_SCHEDULE_OPTIONS),
+        "beta_schedule": _choice(query, "beta_schedule", ScheduleSpec.BETA_SCHEDULE_OPTIONS),
         "steps": _integer(query, "steps", STEPS_RANGE),
         "spacing": _choice(query, "spacing", SPACINGS),
         "zero_terminal_snr": _boolean(query, "zero_terminal_snr"),
@@ -175,7 +174,6 @@ def schedule_json(params):
         raise BadRequest(f"steps: {e}") from None
     T = training.num_timesteps
     t = curve_timesteps(T)
-    step_sigmas = sampling.sigmas[:-1]
     return {
         "beta_schedule": training.beta_schedule,
         "requested_beta_schedule": params["beta_schedule"],
@@ -193,8 +191,8 @@ def schedule_json(params):
         "steps": {
             "timesteps": _floats(sampling.timesteps),
             "sigmas": _floats(sampling.sigmas),
-            "alpha_bar": _floats(1 / (1 + step_sigmas**2)),
-            "log_snr": _floats(-2 * step_sigmas.log()),
+            "alpha_bar": _floats(sampling.alpha_bar[:-1]),
+            "log_snr": _floats(sampling.log_snr[:-1]),
         },
     }
 

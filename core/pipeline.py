@@ -60,13 +60,15 @@ class Conditioning:
 class ScheduleSpec:
     """A sampling schedule as chosen on LDMNoiseSchedule; `model` means the model's own betas."""
 
+    BETA_SCHEDULE_OPTIONS = ("model", *BETA_SCHEDULES)  # the node's and the route's choices
+
     beta_schedule: str
     steps: int
     spacing: str
     zero_terminal_snr: bool = False
 
     def __post_init__(self):
-        if self.beta_schedule != "model" and self.beta_schedule not in BETA_SCHEDULES:
+        if self.beta_schedule not in self.BETA_SCHEDULE_OPTIONS:
             raise ValueError(f"beta_schedule: unknown {self.beta_schedule!r}; choose model or one of {', '.join(BETA_SCHEDULES)}")
         if self.spacing not in SPACINGS:
             raise ValueError(f"spacing: unknown {self.spacing!r}; choose one of {', '.join(SPACINGS)}")

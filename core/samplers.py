@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .objective import VARIANCES
+
 
 class NonFiniteError(FloatingPointError):
     """The sampled latent became NaN or inf."""
@@ -81,8 +83,8 @@ def ddpm(denoiser, x, sigmas, *, generator=None, callback=None, variance="beta_t
     """Ho et al. 2020, Algorithm 2, in the strided form for any pair of noise levels t > s:
     beta = 1 - alpha_bar_t / alpha_bar_s, then x_s ~ q(x_s | x_t, x0_hat) (eq. 6-7) with the fixed
     variance beta-tilde (`variance="beta_tilde"`) or beta (`"beta"`), times eta. No noise at the last step."""
-    if variance not in ("beta_tilde", "beta"):
-        raise ValueError(f"unknown ddpm variance {variance!r}; choose beta_tilde or beta")
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown ddpm variance {variance!r}; choose {' or '.join(VARIANCES)}")
     sigmas, done, generator = _setup(sigmas, callback, generator)
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i])

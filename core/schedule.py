@@ -172,6 +172,11 @@ class SamplingSchedule:
         """alpha_bar = 1 / (1 + sigma^2) at each sigma (1 at the final sigma = 0)."""
         return 1 / (1 + self.sigmas**2)
 
+    @property
+    def log_snr(self):
+        """lambda = log(alpha_bar / (1 - alpha_bar)) = -2 log sigma at each sigma (+inf at the final 0)."""
+        return -2 * self.sigmas.log()
+
 
 def sampling_schedule(training, steps, spacing="leading", steps_offset=1):
     """Pick `steps` noise levels of a training schedule.

@@ -1,8 +1,6 @@
 """LDMNoiseSchedule: the noise levels a sampler visits."""
 from ..core.pipeline import ScheduleSpec
-from ..core.schedule import BETA_SCHEDULES, SPACINGS
-
-BETA_SCHEDULE_OPTIONS = ["model", *BETA_SCHEDULES]
+from ..core.schedule import SPACINGS
 
 
 class LDMNoiseSchedule:
@@ -20,7 +18,7 @@ class LDMNoiseSchedule:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "beta_schedule": (BETA_SCHEDULE_OPTIONS, {
+                "beta_schedule": (list(ScheduleSpec.BETA_SCHEDULE_OPTIONS), {
                     "default": "model",
                     "tooltip": "Betas the sigmas come from. model: the ones the model was trained with (needs the "
                                "model input). linear: DDPM's 1e-4..0.02. scaled_linear: Stable Diffusion's. cosine: "

@@ -5,26 +5,23 @@
 For every caption of core/data.held_out_captions(seed) (every color, background, shape, position and
 size at least once) and each of --seeds seeds, one 64x64 image is sampled with 20-step dpmpp_2m on
 karras sigmas and the given cfg, the empty prompt as negative, then read back by
-bench/scene_analysis.py (plain image analysis, no learned model). Prints the share of images whose
+ldm_nodes/tools/scene_analysis.py (plain image analysis, no learned model). Prints the share of images whose
 color, background, shape, position and size match the caption. Deterministic: same model and
 arguments, same figures.
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scene_analysis import analyse  # noqa: E402
-
-from ldm_nodes.core.checkpoint import load_checkpoint  # noqa: E402
-from ldm_nodes.core.data import held_out_captions, parse_caption  # noqa: E402
-from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, ScheduleSpec, decode_latent, sample  # noqa: E402
-from ldm_nodes.core.text import CLIPTokenizer, encode_prompt  # noqa: E402
-from ldm_nodes.model_paths import model_file  # noqa: E402
+from ldm_nodes.core.checkpoint import load_checkpoint
+from ldm_nodes.core.data import held_out_captions, parse_caption
+from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, ScheduleSpec, decode_latent, sample
+from ldm_nodes.core.text import CLIPTokenizer, encode_prompt
+from ldm_nodes.model_paths import model_file
+from ldm_nodes.tools.scene_analysis import analyse
 
 ATTRIBUTES = ("color", "background", "shape", "position", "size")
 TARGETS = {"color": 0.95, "background": 0.95, "position": 0.90, "shape": 0.85, "size": 0.90}

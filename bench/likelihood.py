@@ -17,19 +17,10 @@ from pathlib import Path
 import torch
 
 from ldm_nodes.core.checkpoint import load_checkpoint
-from ldm_nodes.core.data import downsample, make_dataset
 from ldm_nodes.core.pipeline import DiffusionModel, likelihood
 from ldm_nodes.core.text import CLIPTokenizer, encode_prompt
 from ldm_nodes.model_paths import model_file
-
-SCENE_SEED = 12345
-
-
-def scenes(n, resolution=64):
-    """n held-out scenes as uint8 [n, 3, resolution, resolution] and their captions."""
-    images, captions = make_dataset(n, SCENE_SEED)
-    return (images if resolution == images.shape[-1] else downsample(images, resolution)), captions
-
+from ldm_nodes.tools.evaluation import SCENE_SEED, scenes
 
 def groups(resolution, n):
     """{name: (images [n, H, W, 3] in 0..1, captions or None)} for the three groups."""

@@ -4,7 +4,7 @@
     python bench/speed.py --device cpu          # the built-in model's tiny shapes, fp32
     python bench/speed.py --json results.json   # the same table as JSON
 
-Every model is built from its configuration with every parameter redrawn (core/randomise.py): speed
+Every model is built from its configuration with every parameter redrawn (ldm_nodes/tools/randomise.py): speed
 does not depend on the values, but zero-initialised layers would let a kernel skip work. Rows:
   - the UNet step at batch 1, 2 and 8 (batch 2 is one CFG step of one image), latent 64x64 on CUDA
     (512x512 images) or the built-in 16x16 on the CPU: ours eagerly, ours through the sampler's fast
@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ldm_nodes.core.accel import channels_last, fast_network
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, decode_latent, sample
-from ldm_nodes.core.randomise import randomise
+from ldm_nodes.tools.randomise import randomise
 from ldm_nodes.core.schedule import TrainingSchedule, sampling_schedule
 from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, encode_prompt, tokenize_weighted
 from ldm_nodes.core.train import TINY_AUTOENCODER, TINY_TEXT, TINY_UNET

@@ -10,7 +10,7 @@ import torch
 
 from ldm_nodes.core import accel
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
-from ldm_nodes.core.randomise import randomise
+from ldm_nodes.tools.randomise import randomise
 from ldm_nodes.core.transformer import TransformerConfig, TransformerModel
 from ldm_nodes.core.unet import UNetConfig, UNetModel
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import ldm_nodes
 
 PACK = Path(ldm_nodes.__file__).resolve().parent
-PACKAGES = ("core", "nodes")
+PACKAGES = ("core", "nodes", "tools")
 # The layers, lowest first; a module may import from its own layer and the ones below. model_paths
 # (the model folders and names the loader node resolves) belongs to the node layer.
 LAYERS = {"core": 0, "nodes": 1, "model_paths": 1}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ldm_nodes.core.autoencoder import (AutoencoderConfig, AutoencoderKL, DiagonalGaussian, blend_weights,
                                         infer_autoencoder_config)
-from ldm_nodes.core.randomise import randomise
+from ldm_nodes.tools.randomise import randomise
 
 TINY = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 TINY3 = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)

@@ -1,7 +1,6 @@
 """The shipped models: listed first, within budget, deterministic per seed, still the images we shipped."""
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +12,13 @@ from ldm_nodes import model_paths, runner
 from ldm_nodes.core.checkpoint import load_checkpoint, read_model_metadata
 from ldm_nodes.core.data import parse_caption
 from ldm_nodes.nodes import LDMLoadModel
+from ldm_nodes.tools.evaluation import BANDS, band_losses, scenes
+from ldm_nodes.tools.goldens import IMAGES as GOLDENS, image_path, recorded_nll, txt2img as txt2img_file
+from ldm_nodes.tools.scene_analysis import analyse
 
 PACK = Path(model_paths.__file__).resolve().parent
 MODEL = "builtin/tiny-shapes.safetensors"
 TRANSFORMER = "builtin/tiny-shapes-transformer.safetensors"
-GOLDEN = PACK / "tests" / "golden"
-# (workflow, seed): the golden images, <workflow's model>-txt2img-seed<seed>.png
-GOLDENS = {("txt2img", 42): "tiny-shapes", ("txt2img_transformer", 42): "tiny-shapes-transformer",
-           ("txt2img_transformer", 7): "tiny-shapes-transformer"}
-sys.path.insert(0, str(PACK / "bench"))
-from scene_analysis import analyse  # noqa: E402
 
 
 def test_listed_first_and_within_budget():
@@ -35,20 +31,16 @@ def test_listed_first_and_within_budget():
 
 
 def txt2img(tmp_path, workflow="txt2img", **overrides):
-    prompt = runner.apply_overrides(runner.load_workflow(PACK / "workflows" / "api" / f"{workflow}.json"),
-                                    [f"{k}={v}" for k, v in overrides.items()])
-    [path] = runner.run(prompt, out_dir=tmp_path, input_dir=PACK / "input")
-    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+    return np.asarray(Image.open(txt2img_file(tmp_path, workflow, **overrides)).convert("RGB")).astype(np.int16)
 
 
 @pytest.mark.parametrize("workflow, seed", GOLDENS)
 def test_txt2img_workflow_reproduces_the_golden_image(tmp_path, workflow, seed):
     """The shipped workflow, run headless, gives the image shipped beside this test (regenerate it only
-    when the model changes on purpose). Bit-exact on the machine that made it; other CPUs may round
+    when the model changes on purpose: python -m ldm_nodes.tools.goldens). Bit-exact on the machine that made it; other CPUs may round
     convolutions differently, hence the small tolerance."""
     image = txt2img(tmp_path, workflow, **{"6.seed": seed})
-    path = GOLDEN / f"{GOLDENS[workflow, seed]}-txt2img-seed{seed}.png"
-    golden = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+    golden = np.asarray(Image.open(image_path(workflow, seed)).convert("RGB")).astype(np.int16)
     difference = np.abs(image - golden)
     assert difference.mean() < 1.0 and difference.max() <= 24, (difference.mean(), difference.max())
 
@@ -96,8 +88,6 @@ class ZeroEps(torch.nn.Module):
 def test_band_loss_is_one_for_a_zero_predictor_and_falls_with_noise_for_the_model():
     """bench/band_loss.py: predicting eps = 0 scores E[eps^2] = 1 in every band; the shipped UNet
     scores far less, and less the noisier z_t (at high noise z_t is mostly eps itself)."""
-    from band_loss import BANDS, band_losses
-    from likelihood import scenes
     checkpoint = load_checkpoint(model_paths.resolve_model(MODEL))
     images, captions = scenes(32)
     zero = band_losses(dataclasses.replace(checkpoint, denoiser=ZeroEps()), images, captions)
@@ -109,7 +99,6 @@ def test_band_loss_is_one_for_a_zero_predictor_and_falls_with_noise_for_the_mode
 # --- the pixel-space model (DDPM's setting) ----------------------------------------------------
 
 PIXEL = "builtin/tiny-shapes-pixel.safetensors"
-GOLDEN_NLL = 3.5576  # bits/dim of input/shapes_32.png, all timesteps, seed 0, measured when the model shipped
 
 
 def nll(*args):
@@ -127,11 +116,11 @@ def test_pixel_model_is_ddpm_in_pixel_space_sharing_the_text_encoder():
 
 def test_nll_of_the_example_scene_is_what_we_measured(capsys):
     """The default command on the shipped 32x32 scene, every timestep: a golden number (regenerate it
-    only when the model changes on purpose), and far below the 8 bits/dim of storing it raw."""
+    only when the model changes on purpose: python -m ldm_nodes.tools.goldens), and far below the 8 bits/dim of storing it raw."""
     assert nll(PACK / "input" / "shapes_32.png") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["unit"] == "bits/dim" and report["model"] == PIXEL
-    assert report["images"][0]["nll"] == pytest.approx(GOLDEN_NLL, abs=2e-3)
+    assert report["images"][0]["nll"] == pytest.approx(recorded_nll(), abs=2e-3)
 
 
 def test_a_scene_costs_fewer_bits_than_uniform_noise(tmp_path, capsys):

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from ldm_nodes.core import checkpoint as ck
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder, placement
-from ldm_nodes.core.randomise import randomise
+from ldm_nodes.tools.randomise import randomise
 from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel
 from ldm_nodes.core.transformer import TransformerConfig, TransformerModel

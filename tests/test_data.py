@@ -1,10 +1,8 @@
 """core/data.py (the procedural captioned dataset) and bench/scene_analysis.py (reading scenes back)."""
-import importlib.util
 import itertools
 import math
 import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,15 +10,12 @@ import torch
 from PIL import Image, ImageFilter
 
 from ldm_nodes.core import data
+from ldm_nodes.tools import scene_analysis as analysis
 from ldm_nodes.core.data import (
     ATTRIBUTES, COLOR_RGB, COLORS, POSITIONS, SHAPES, SIZE_SPANS, SIZES, caption, held_out_captions,
     make_dataset, parse_caption, random_scene, render, scene_for,
 )
 
-_spec = importlib.util.spec_from_file_location(
-    "scene_analysis", Path(__file__).resolve().parents[1] / "bench" / "scene_analysis.py")
-analysis = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(analysis)
 
 # The words' meaning, as the README's prompts rely on it: (dx, dy) is the bounding box center's
 # offset from the canvas center in pixels, y pointing down.

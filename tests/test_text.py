@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm_nodes.core.randomise import randomise
+from ldm_nodes.tools.randomise import randomise
 from ldm_nodes.core.text import (
     BOS_ID, EOS_ID, N_MERGES, VOCAB_PATH, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, encode_prompt,
     infer_text_config, parse_weights, tokenize_weighted,

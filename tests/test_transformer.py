@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ldm_nodes.core import transformer
-from ldm_nodes.core.randomise import randomise
+from ldm_nodes.tools.randomise import randomise
 from ldm_nodes.core.transformer import (TransformerConfig, TransformerModel, infer_transformer_config,
                                         pos_embed_2d)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm_nodes.core.randomise import randomise
+from ldm_nodes.tools.randomise import randomise
 from ldm_nodes.core.unet import UNetConfig, UNetModel, infer_unet_config, timestep_embedding
 
 PREFIX = "model.diffusion_model."

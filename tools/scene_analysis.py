@@ -33,7 +33,7 @@ import math
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ldm_nodes.core.data import COLOR_RGB, RESOLUTION, SIZE_SPANS
+from ..core.data import COLOR_RGB, RESOLUTION, SIZE_SPANS
 
 # |c3| / A^2.5 of an equilateral triangle: c3 = A R^3 / 10 (R: centroid-to-vertex), A = 3 sqrt(3) R^2 / 4.
 TRIANGLE_C3 = (4 / (3 * math.sqrt(3))) ** 1.5 / 10

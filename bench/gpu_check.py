@@ -262,7 +262,8 @@ def main():
     report.step("packages", packages, pins, args.wheels, site, args.dry_run)
     if report.failed:
         sys.exit(f"gpu_check: stopped after step 1; see {args.out / 'gpu_check.md'}")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(work), str(site), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(work), str(site), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     report.step("CUDA tests", cuda_tests, env, device)
     report.step("CPU and device images, every sampler", sampler_images, device, 3 if args.dry_run else 20)
     report.step("speed", speed, device, args.dry_run)

@@ -12,11 +12,11 @@ only the network's input is cast to the weights' dtype, and its prediction comes
 the updates, the guidance mix and x0 are computed in fp32. In bf16 the spacing of representable
 values near |x| = 15 is 0.0625, too coarse for a state updated 30 times.
 
-Capture applies on CUDA, without autograd, after WARMUP eager calls of the same shapes (cuDNN and
+Capture applies on CUDA, under inference mode (as sampling runs), after WARMUP eager calls of the same shapes (cuDNN and
 cuBLAS pick their kernels and allocate workspaces then, outside the graph). The graphs are kept per
 network (keyed by the network object, and dropped when its weights move: their device, dtype or
 data pointers change), so a second sampling run replays at once. Anywhere else, or after a failed
-capture (an op that syncs with the host, or any warning torch raises while capturing, such as an
+capture (an op that syncs with the host, or a warning about the graph or its capture, such as an
 empty graph), the network runs eagerly: the fast path is never a requirement.
 """
 import warnings
@@ -98,7 +98,7 @@ class CapturedNetwork:
             return self._replay(key, (x, t, context))
 
     def _eligible(self, x):
-        return x.device.type == "cuda" and not torch.is_grad_enabled()
+        return x.device.type == "cuda" and torch.is_inference_mode_enabled()
 
     def _device(self, x):
         return torch.cuda.device(x.device)
@@ -113,7 +113,7 @@ class CapturedNetwork:
         return out
 
     def _capture(self, x, t, context):
-        """(graph, static inputs, static output). Any warning torch gives while capturing (an empty
+        """(graph, static inputs, static output). A warning about the graph or its capture (an empty
         graph: captured on the wrong device or stream) raises. After a failure the caller's stream is
         current again (our own stream context restores it even when torch's does not get to) and
         the device is synchronized before eager calls go on."""
@@ -123,7 +123,7 @@ class CapturedNetwork:
         stream.wait_stream(torch.cuda.current_stream())
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error")
+                warnings.filterwarnings("error", message=".*(graph|captur)")  # matched ignoring case
                 with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
                     out = run_fp32(self.network, *static)
         except BaseException:

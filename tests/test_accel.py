@@ -70,7 +70,7 @@ class GraphOnCPU(accel.CapturedNetwork):
         self.captures = 0
 
     def _eligible(self, x):
-        return not torch.is_grad_enabled()
+        return torch.is_inference_mode_enabled()
 
     def _device(self, x):
         return nullcontext()
@@ -417,9 +417,9 @@ PEAK_ALLOCATED_GIB, PEAK_RESERVED_GIB = 1.5, 2.0
 
 @cuda
 def test_cuda_sd15_shaped_sample_and_decode_memory():
-    with torch.device("cuda"):
-        unet = randomise(UNetModel(SD15_UNET)).half()
-        vae = randomise(AutoencoderKL(AutoencoderConfig()))
+    with torch.device("cuda"):  # built in place; randomise draws from a CPU generator, outside this context
+        unet, vae = UNetModel(SD15_UNET), AutoencoderKL(AutoencoderConfig())
+    unet, vae = randomise(unet).half(), randomise(vae)
     gc.collect()
     torch.cuda.empty_cache()  # the UNet's fp32 copy, cached: not part of the run
     weights = sum(p.numel() * p.element_size() for m in (unet, vae) for p in m.parameters())

@@ -16,11 +16,15 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu_check.py"
 
 
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+def bench_module(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def gpu_check():
+    return bench_module("gpu_check")
 
 
 def test_dry_run_on_the_cpu_writes_every_step(tmp_path):
@@ -59,3 +63,14 @@ def test_a_pin_without_a_wheel_stops_with_its_name(tmp_path):
         module.install({"no_such_package": "1.0", "pytest": "0.0.2"}, tmp_path, tmp_path / "site")
     satisfied = {"pytest": module.installed_version("pytest")}
     assert module.install(satisfied, tmp_path / "absent", tmp_path / "site") == {}  # nothing to install, no pip
+
+
+def test_speed_leaves_out_only_what_is_not_installed():
+    optional = bench_module("speed").optional
+    assert optional("no_such_module_here", lambda: 1) is None
+
+    def broken_wheel():
+        raise ImportError("cannot import name 'CLIPTextModel'")
+
+    with pytest.raises(ImportError, match="CLIPTextModel"):  # installed but broken: no silently missing rows
+        optional("json", broken_wheel)

@@ -147,6 +147,8 @@ def markdown(data):
             lines += [step["table"], ""]
         if "summary" in step:
             lines += [f"`{step['command']}`: {step['summary']}", ""]
+            if not step["ok"]:
+                lines += ["```", step["output"].rstrip(), "```", ""]
     return "\n".join(lines)
 
 

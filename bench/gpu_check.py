@@ -138,7 +138,8 @@ class Report:
 def markdown(data):
     head = data["header"]
     lines = ["# bench/gpu_check.py", "", f"`{head['command']}`", "",
-             f"{head['device']}; torch {head['torch']}; {head['python']}; {head['date']}", ""]
+             f"{head.get('device', 'device not read yet')}; torch {head.get('torch', '?')}; {head['python']}; "
+             f"{head['date']}", ""]
     for name, step in data["steps"].items():
         lines += [f"## {name}: {'ok' if step['ok'] else 'FAILED'} ({step['seconds']} s)", ""]
         if "error" in step:
@@ -220,7 +221,6 @@ def sampler_images(device, steps):
 
 def speed(device, dry_run):
     import speed as bench_speed  # bench/speed.py, beside this file
-    import torch
 
     if dry_run:
         args = argparse.Namespace(repeats=1, steps=2, cfg=7.5, matmul=128)
@@ -228,13 +228,7 @@ def speed(device, dry_run):
     else:
         args = argparse.Namespace(repeats=20, steps=30, cfg=7.5, matmul=0)
         dtypes, shapes = ["fp16", "bf16"], bench_speed.SHAPES["cuda"]
-    context = bench_speed.cuda_context_gib(device) if device.type == "cuda" else None
-    rows = [row for dtype in dtypes for row in bench_speed.run(device, dtype, args, shapes, batches=(2, 8))]
-    for row in rows:
-        if "ours_peak_allocated_gib" in row:
-            row["cuda_context_gib"] = context
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    rows = bench_speed.measure(device, dtypes, args, shapes, batches=(2, 8))
     return {"rows": rows, "table": bench_speed.table(rows)}
 
 
@@ -248,22 +242,22 @@ def main():
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     alias_package(work)
+    sys.path.insert(1, str(REPO / "bench"))  # bench/speed.py, also when this file is not run as the script
     site = work / "site"
-    pins = read_pins()
+    report = Report(args.out, {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "python": python_tag(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run": args.dry_run})
+    report.step("packages", packages, read_pins(), args.wheels, site, args.dry_run)
+    if report.failed:
+        sys.exit(f"gpu_check: stopped after step 1; see {args.out / 'gpu_check.md'}")
 
-    import torch
+    import torch  # after the packages: torch imports numpy when it can, and it must be the pinned one
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device visible to torch; use --dry-run --device cpu to check the script")
-    report = Report(args.out, {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__,
-        "python": python_tag(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads",
-        "dry_run": args.dry_run})
-    report.step("packages", packages, pins, args.wheels, site, args.dry_run)
-    if report.failed:
-        sys.exit(f"gpu_check: stopped after step 1; see {args.out / 'gpu_check.md'}")
+    report.data["header"].update(torch=torch.__version__, device=torch.cuda.get_device_name(device)
+                                 if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads")
     paths = [str(work), str(site), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     report.step("CUDA tests", cuda_tests, env, device)

@@ -245,6 +245,16 @@ def run(device, dtype, args, shapes=None, batches=(1, 2, 8)):
     return rows
 
 
+def measure(device, dtypes, args, shapes=None, batches=(1, 2, 8)):
+    """run() for each dtype, the CUDA context (measured first) added to the whole-image rows."""
+    context = cuda_context_gib(device) if device.type == "cuda" else None
+    rows = [row for dtype in dtypes for row in run(device, dtype, args, shapes, batches)]
+    for row in rows:
+        if "ours_peak_allocated_gib" in row:
+            row["cuda_context_gib"] = context
+    return rows
+
+
 TIMES = ("ours", "ours_nhwc", "ours_fast", "ours_fast_nhwc", "diffusers")
 HEADERS = ("ours ms", "NHWC ms", "fast ms", "fast NHWC", "diffusers")
 
@@ -275,14 +285,10 @@ def main():
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    context = cuda_context_gib(device) if device.type == "cuda" else None
     dtypes = (args.dtypes or ("fp16,bf16" if device.type == "cuda" else "fp32")).split(",")
     print(f"torch {torch.__version__}, {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
-    rows = [row for dtype in dtypes for row in run(device, dtype, args)]
-    for row in rows:
-        if "ours_peak_allocated_gib" in row:
-            row["cuda_context_gib"] = context
+    rows = measure(device, dtypes, args)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

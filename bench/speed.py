@@ -4,21 +4,27 @@
     python bench/speed.py --device cpu          # the built-in model's tiny shapes, fp32
     python bench/speed.py --json results.json   # the same table as JSON
 
+bench/gpu_check.py runs this on a lent GPU with everything it needs (bench/README.md).
+
 Every model is built from its configuration with every parameter redrawn (ldm_nodes/tools/randomise.py): speed
 does not depend on the values, but zero-initialised layers would let a kernel skip work. Rows:
   - the UNet step at batch 1, 2 and 8 (batch 2 is one CFG step of one image), latent 64x64 on CUDA
-    (512x512 images) or the built-in 16x16 on the CPU: ours eagerly, ours through the sampler's fast
-    path (core/accel.py: channels-last and a captured CUDA graph; on the CPU the same as eager), and
-    diffusers' UNet2DConditionModel of the same shape;
-  - the VAE decode of one latent, in the row's precision and in fp32;
+    (512x512 images) or the built-in 16x16 on the CPU: ours eagerly and through the sampler's fast path
+    (core/accel.py: a captured CUDA graph; on the CPU the same as eager), each with NCHW and with
+    channels-last (NHWC) weights, and diffusers' UNet2DConditionModel of the same shape;
+  - the VAE decode of one latent, in the row's precision and in fp32, NCHW and NHWC;
   - one whole image: prompt and empty-prompt encoding, `--steps` dpmpp_2m CFG steps and decoding,
-    with its peak GPU memory. diffusers' twin runs the same work by hand (their text model, UNet, DPM++
-    2M scheduler and VAE) as StableDiffusionPipeline would.
+    with its peak GPU memory: allocated and reserved by torch, and the CUDA context (what the device
+    reports in use beyond torch's reservation at the start), all in GiB. diffusers' twin runs the same
+    work by hand (their text model, UNet, DPM++ 2M scheduler and VAE) as StableDiffusionPipeline would.
+cuDNN runs with torch's defaults (no cudnn.benchmark), as the product does.
 Times are medians of --repeats after warm-up. MFU is the step's FLOPs (torch's FlopCounterMode) per
 second over the rate of a square matmul (--matmul, 8192 on CUDA) timed in the same run and precision.
-diffusers and transformers are optional: without them only our rows print.
+diffusers and transformers are optional: when one is not installed at all its rows are left out; one
+that is installed but fails to import raises (a bad wheel set must not drop rows silently).
 """
 import argparse
+import importlib.util
 import json
 import statistics
 import time
@@ -80,12 +86,11 @@ def transformers_text(config):
         max_position_embeddings=config.max_positions, hidden_act=config.activation))
 
 
-def optional(build, *args):
-    """diffusers' / transformers' twin, or None where they are not installed."""
-    try:
-        return build(*args)
-    except ImportError:
+def optional(module, build, *args):
+    """build(*args), diffusers' or transformers' twin; None where `module` is not installed."""
+    if importlib.util.find_spec(module) is None:
         return None
+    return build(*args)
 
 
 def timed(fn, repeats, device):
@@ -119,23 +124,29 @@ def prepare(module, device, dtype):
     return randomise(module).to(device, dtype)
 
 
-def step_rows(unet, theirs, latent, context_dim, device, dtype, repeats, peak):
-    """Per batch: ours eager (NCHW), eager with channels-last weights, the sampler's fast path, diffusers."""
+def step_rows(unet, theirs, latent, context_dim, device, dtype, repeats, peak, batches=(1, 2, 8)):
+    """Per batch: ours eager and through the sampler's fast path, with NCHW and then channels-last
+    weights, and diffusers. The fast path's state is fp32, as in a sampling run."""
     inputs = {}
-    for batch in (1, 2, 8):
-        inputs[batch] = (torch.randn(batch, 4, latent, latent, device=device, dtype=dtype),
+    for batch in batches:
+        inputs[batch] = (torch.randn(batch, 4, latent, latent, device=device),
                          torch.full((batch,), 500.0, device=device),
                          torch.randn(batch, 77, context_dim, device=device, dtype=dtype))
-    rows = [{"what": f"UNet step, batch {b}", "ours": timed(lambda: unet(*inputs[b]), repeats, device),
-             "flops": flops(lambda: unet(*inputs[b]))} for b in inputs]
-    channels_last(unet)
+    rows = [{"what": f"UNet step, batch {b}", "flops": flops(lambda: unet(x.to(dtype), t, c))}
+            for b, (x, t, c) in inputs.items()]
+    for suffix in ("", "_nhwc"):
+        if suffix:
+            channels_last(unet)
+        fast = fast_network(unet)  # as in a sampling run; its graphs are kept per shape
+        for row, (x, t, context) in zip(rows, inputs.values()):
+            x_net = x.to(dtype)
+            row["ours" + suffix] = timed(lambda: unet(x_net, t, context), repeats, device)
+            row["ours_fast" + suffix] = timed(lambda: fast(x, t, context), repeats, device)
     for row, (x, t, context) in zip(rows, inputs.values()):
-        fast = fast_network(unet)  # one per batch, as one per sampling run: it captures a few shapes at most
-        row["ours_nhwc"] = timed(lambda: unet(x, t, context), repeats, device)
-        row["ours_fast"] = timed(lambda: fast(x, t, context), repeats, device)
         if theirs is not None:
-            row["diffusers"] = timed(lambda: theirs(x, t, encoder_hidden_states=context), repeats, device)
-        row["mfu_fast"] = row["flops"] / (row["ours_fast"] / 1000) / peak
+            row["diffusers"] = timed(lambda: theirs(x.to(dtype), t, encoder_hidden_states=context), repeats, device)
+        row["mfu_fast"] = row["flops"] / (min(row["ours_fast"], row["ours_fast_nhwc"]) / 1000) / peak
+    unet.to(memory_format=torch.contiguous_format)  # back to NCHW: the layout choice is accel.gpu_layout's
     return rows
 
 
@@ -145,6 +156,8 @@ def decode_rows(vae_config, theirs_vae, latent, device, dtype, repeats):
         vae = prepare(AutoencoderKL(vae_config), device, DTYPES[label])
         z = torch.randn(1, vae_config.embed_dim, latent, latent)
         row = {"what": f"VAE decode, {label}", "ours": timed(lambda: decode_latent(vae, z), repeats, device)}
+        channels_last(vae)
+        row["ours_nhwc"] = timed(lambda: decode_latent(vae, z), repeats, device)
         if theirs_vae is not None:
             twin, zd = theirs_vae.to(device, DTYPES[label]), z.to(device, DTYPES[label])
             row["diffusers"] = timed(lambda: twin.decode(zd).sample.float().cpu(), repeats, device)
@@ -167,11 +180,13 @@ def image_row(unet, text, vae, twins, latent, steps, cfg, device, repeats):
         return decode_latent(vae, sample(model, start, cond, uncond, 0, "dpmpp_2m", cfg, sigmas))
 
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     row = {"what": f"whole image, {steps} CFG steps", "ours": timed(ours, repeats, device)}
     if device.type == "cuda":  # the diffusers twins sit idle on the GPU meanwhile: not ours to count
         idle = sum(p.numel() * p.element_size() for m in twins if m is not None for p in m.parameters())
-        row["ours_peak_gib"] = (torch.cuda.max_memory_allocated() - idle) / 2**30
+        row["ours_peak_allocated_gib"] = (torch.cuda.max_memory_allocated() - idle) / 2**30
+        row["ours_peak_reserved_gib"] = (torch.cuda.max_memory_reserved() - idle) / 2**30
     if None not in twins:
         row["diffusers"] = timed(lambda: diffusers_image(*twins, tokenizer, latent, steps, cfg, device), repeats, device)
     return row
@@ -194,24 +209,33 @@ def diffusers_image(unet, text, vae, tokenizer, latent, steps, cfg, device):
     return vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample.float().cpu()
 
 
-def run(device, dtype, args):
-    unet_config, vae_config, text_config, size = SHAPES[device.type]
+def cuda_context_gib(device):
+    """What the device reports in use beyond torch's reservation: the CUDA context and its libraries
+    (and any other process on the device). Measured once, before the models are built."""
+    torch.cuda.init()
+    torch.ones(1, device=device)  # the context and the caching allocator exist from here
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free - torch.cuda.memory_reserved(device)) / 2**30
+
+
+def run(device, dtype, args, shapes=None, batches=(1, 2, 8)):
+    unet_config, vae_config, text_config, size = shapes or SHAPES[device.type]
     latent = size // vae_config.f
     precision = DTYPES[dtype]
     peak = matmul_rate(args.matmul or (8192 if device.type == "cuda" else 2048), precision, device, args.repeats)
     with torch.inference_mode():
         unet = prepare(UNetModel(unet_config), device, precision)
-        theirs = optional(diffusers_unet, unet_config, latent)
+        theirs = optional("diffusers", diffusers_unet, unet_config, latent)
         theirs = prepare(theirs, device, precision) if theirs is not None else None
-        rows = step_rows(unet, theirs, latent, unet_config.context_dim, device, precision, args.repeats, peak)
-        theirs_vae = optional(diffusers_vae, vae_config)
+        rows = step_rows(unet, theirs, latent, unet_config.context_dim, device, precision, args.repeats, peak, batches)
+        theirs_vae = optional("diffusers", diffusers_vae, vae_config)
         theirs_vae = randomise(theirs_vae) if theirs_vae is not None else None
         rows += decode_rows(vae_config, theirs_vae, latent, device, dtype, args.repeats)
     # the whole image as LDMLoadModel's precision would place it: the autoencoder in fp32 unless bf16
     vae_precision = torch.bfloat16 if dtype == "bf16" else torch.float32
     text = prepare(CLIPTextModel(text_config), device, precision)
     vae = prepare(AutoencoderKL(vae_config), device, vae_precision)
-    twins = (theirs, optional(transformers_text, text_config), theirs_vae)
+    twins = (theirs, optional("transformers", transformers_text, text_config), theirs_vae)
     if None not in twins:
         twins = (theirs, prepare(twins[1], device, precision), twins[2].to(device, vae_precision))
     rows.append(image_row(unet, text, vae, twins, latent, args.steps or (30 if device.type == "cuda" else 20),
@@ -221,15 +245,33 @@ def run(device, dtype, args):
     return rows
 
 
-def print_table(rows):
-    print(f"{'what':32} {'dtype':5} {'ours ms':>9} {'NHWC ms':>9} {'fast ms':>9} {'diffusers':>9} {'ratio':>6} {'MFU':>6}")
+def measure(device, dtypes, args, shapes=None, batches=(1, 2, 8)):
+    """run() for each dtype, the CUDA context (measured first) added to the whole-image rows."""
+    context = cuda_context_gib(device) if device.type == "cuda" else None
+    rows = [row for dtype in dtypes for row in run(device, dtype, args, shapes, batches)]
+    for row in rows:
+        if "ours_peak_allocated_gib" in row:
+            row["cuda_context_gib"] = context
+    return rows
+
+
+TIMES = ("ours", "ours_nhwc", "ours_fast", "ours_fast_nhwc", "diffusers")
+HEADERS = ("ours ms", "NHWC ms", "fast ms", "fast NHWC", "diffusers")
+
+
+def table(rows):
+    """The rows as a markdown table: milliseconds, ours (best of our columns) / diffusers, MFU, memory."""
+    lines = ["| what | dtype | " + " | ".join(HEADERS) + " | ratio | MFU | peak memory |",
+             "|---|---|" + "---|" * (len(HEADERS) + 3)]
     for r in rows:
-        best = min(r[k] for k in ("ours", "ours_nhwc", "ours_fast") if k in r)
-        ratio = f"{best / r['diffusers']:6.2f}" if "diffusers" in r else ""
-        cells = [f"{r[k]:9.2f}" if k in r else " " * 9 for k in ("ours", "ours_nhwc", "ours_fast", "diffusers")]
-        mfu = f"{r['mfu_fast']:6.1%}" if "mfu_fast" in r else ""
-        extra = f"  peak {r['ours_peak_gib']:.2f} GiB" if "ours_peak_gib" in r else ""
-        print(f"{r['what']:32} {r['dtype']:5} {' '.join(cells)} {ratio:>6} {mfu:>6}{extra}")
+        best = min(r[k] for k in TIMES[:-1] if k in r)
+        ratio = f"{best / r['diffusers']:.2f}" if "diffusers" in r else ""
+        cells = [f"{r[k]:.2f}" if k in r else "" for k in TIMES]
+        mfu = f"{r['mfu_fast']:.1%}" if "mfu_fast" in r else ""
+        memory = (f"{r['ours_peak_allocated_gib']:.2f} GiB allocated, {r['ours_peak_reserved_gib']:.2f} GiB reserved, "
+                  f"+{r['cuda_context_gib']:.2f} GiB CUDA context" if "ours_peak_allocated_gib" in r else "")
+        lines.append(f"| {r['what']} | {r['dtype']} | " + " | ".join(cells) + f" | {ratio} | {mfu} | {memory} |")
+    return "\n".join(lines)
 
 
 def main():
@@ -243,13 +285,11 @@ def main():
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     dtypes = (args.dtypes or ("fp16,bf16" if device.type == "cuda" else "fp32")).split(",")
     print(f"torch {torch.__version__}, {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
-    rows = [row for dtype in dtypes for row in run(device, dtype, args)]
-    print_table(rows)
+    rows = measure(device, dtypes, args)
+    print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

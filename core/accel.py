@@ -1,4 +1,4 @@
-"""The GPU fast path of a sampling run: channels-last convolutions and a captured CUDA graph.
+"""The GPU fast path of a sampling run: a captured CUDA graph per step shape, and the sampler's state in fp32.
 
 A sampling run calls the denoising network dozens of times with the same shapes (x [B, C, h, w],
 t [B], context [B, L, D]). At small batches on a fast GPU, launching its few hundred kernels one
@@ -7,17 +7,30 @@ replays them with one launch (torch.cuda.CUDAGraph). The graph reads fixed input
 writes a fixed output buffer, so each call copies its inputs in and the output out: the numbers
 are those of the eager network.
 
-Capture applies on CUDA, without autograd, after WARMUP eager calls of the same shapes (cuDNN and
-cuBLAS pick their kernels and allocate workspaces then, outside the graph). Anywhere else, for a
-third set of shapes, or after a failed capture (an op that syncs with the host), the network runs
-eagerly: the fast path is never a requirement.
+The sampler's state x stays in fp32 whatever the weights' dtype (as ComfyUI and k-diffusion do):
+only the network's input is cast to the weights' dtype, and its prediction comes back in fp32, so
+the updates, the guidance mix and x0 are computed in fp32. In bf16 the spacing of representable
+values near |x| = 15 is 0.0625, too coarse for a state updated 30 times.
+
+Capture applies on CUDA, under inference mode (as sampling runs), after WARMUP eager calls of the same shapes (cuDNN and
+cuBLAS pick their kernels and allocate workspaces then, outside the graph). The graphs are kept per
+network (keyed by the network object, and dropped when its weights move: their device, dtype or
+data pointers change), so a second sampling run replays at once. Anywhere else, or after a failed
+capture (an op that syncs with the host, or a warning about the graph or its capture, such as an
+empty graph), the network runs eagerly: the fast path is never a requirement.
 """
 import warnings
+import weakref
 
 import torch
 
 WARMUP = 2  # eager calls of one shape before its capture; they return real results
-MAX_GRAPHS = 2  # shapes captured per run (a sampler uses one; more means the shapes keep changing)
+MAX_GRAPHS = 2  # graphs kept per network; a new shape beyond them replaces the least recently used
+# NHWC weights on CUDA. Off until measured: CUDA's GroupNorm makes its input NCHW-contiguous and returns
+# NCHW, so with NHWC weights every norm/conv pair transposes twice (issue #20). bench/gpu_check.py times both.
+CHANNELS_LAST = False
+
+_CAPTURED = weakref.WeakKeyDictionary()  # network -> its CapturedNetwork (the graphs die with the network)
 
 
 def channels_last(module):
@@ -26,49 +39,97 @@ def channels_last(module):
     return module.to(memory_format=torch.channels_last)
 
 
+def gpu_layout(module):
+    """The module in the layout the fast path uses on its device: channels-last on CUDA when
+    CHANNELS_LAST, otherwise unchanged. Returns the module."""
+    on_cuda = any(p.device.type == "cuda" for p in module.parameters())
+    return channels_last(module) if CHANNELS_LAST and on_cuda else module
+
+
+def run_fp32(network, x, t, context):
+    """network(x, t, context) for a state x in fp32: x is cast to the weights' dtype on the way in and
+    the prediction back to fp32 on the way out (context is expected in the weights' dtype already)."""
+    dtype = next(network.parameters()).dtype
+    return network(x.to(dtype), t, context).float()
+
+
+def weights_key(network):
+    """What a captured graph depends on besides its inputs: where the weights live, in memory."""
+    param = next(network.parameters())
+    return param.device, param.dtype, tuple(p.data_ptr() for p in network.parameters())
+
+
 class CapturedNetwork:
-    """network(x, t, context), replayed from a CUDA graph per input shape where it can be."""
+    """run_fp32(network, x, t, context), replayed from a CUDA graph per input shape where it can be.
+
+    Holds the network weakly: the cache lives beside the network, never keeps it alive."""
 
     def __init__(self, network):
-        self.network = network
-        self.calls = {}  # shape key -> eager calls so far
-        self.graphs = {}  # shape key -> (graph, static inputs, static output)
+        self._network = weakref.ref(network)
+        self.weights = weights_key(network)
+        self.calls = {}  # input key -> eager calls so far
+        self.graphs = {}  # input key -> (graph, static inputs, static output), least recently used first
         self.broken = False  # a capture failed: eager from then on
+
+    @property
+    def network(self):
+        return self._network()
 
     def __call__(self, x, t, context):
         if self.broken or not self._eligible(x):
-            return self.network(x, t, context)
-        key = tuple((tuple(a.shape), a.dtype) for a in (x, t, context))
-        if key in self.graphs:
+            return run_fp32(self.network, x, t, context)
+        key = (x.device,) + tuple((tuple(a.shape), a.dtype) for a in (x, t, context))
+        with self._device(x):  # warm-up, capture and replay on x's device, even when it is not the current one
+            if key in self.graphs:
+                self.graphs[key] = self.graphs.pop(key)  # most recently used last
+                return self._replay(key, (x, t, context))
+            seen = self.calls[key] = self.calls.get(key, 0) + 1
+            if seen <= WARMUP:
+                return self._side_stream(x, t, context)
+            try:
+                graph = self._capture(x, t, context)
+            except (RuntimeError, Warning) as error:  # e.g. "operation not permitted when stream is capturing"
+                self.broken = True
+                warnings.warn(f"CUDA graph capture failed, sampling eagerly: {error}")
+                return run_fp32(self.network, x, t, context)
+            if len(self.graphs) >= MAX_GRAPHS:
+                del self.graphs[next(iter(self.graphs))]
+            self.graphs[key] = graph
             return self._replay(key, (x, t, context))
-        seen = self.calls[key] = self.calls.get(key, 0) + 1
-        if seen <= WARMUP or len(self.graphs) >= MAX_GRAPHS:
-            return self._side_stream(x, t, context)
-        try:
-            self.graphs[key] = self._capture(x, t, context)
-        except RuntimeError as error:  # e.g. "operation not permitted when stream is capturing"
-            self.broken = True
-            warnings.warn(f"CUDA graph capture failed, sampling eagerly: {error}")
-            return self.network(x, t, context)
-        return self._replay(key, (x, t, context))
 
     def _eligible(self, x):
-        return x.device.type == "cuda" and not torch.is_grad_enabled()
+        return x.device.type == "cuda" and torch.is_inference_mode_enabled()
+
+    def _device(self, x):
+        return torch.cuda.device(x.device)
 
     def _side_stream(self, *inputs):
         """An eager call on a side stream, as torch asks of the calls before a capture."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            out = self.network(*inputs)
+            out = run_fp32(self.network, *inputs)
         torch.cuda.current_stream().wait_stream(stream)
         return out
 
     def _capture(self, x, t, context):
+        """(graph, static inputs, static output). A warning about the graph or its capture (an empty
+        graph: captured on the wrong device or stream) raises. After a failure the caller's stream is
+        current again (our own stream context restores it even when torch's does not get to) and
+        the device is synchronized before eager calls go on."""
         static = tuple(a.clone() for a in (x, t, context))
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.network(*static)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message=".*(graph|captur)")  # matched ignoring case
+                with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+                    out = run_fp32(self.network, *static)
+        except BaseException:
+            torch.cuda.synchronize()
+            raise
+        torch.cuda.current_stream().wait_stream(stream)
         return graph, static, out
 
     def _replay(self, key, inputs):
@@ -80,9 +141,17 @@ class CapturedNetwork:
 
 
 def fast_network(network):
-    """The network as a sampling run should call it: on CUDA in channels-last layout and replayed
-    from captured graphs; elsewhere the network itself."""
+    """The network as a sampling run should call it, with its state x in fp32 (run_fp32): on CUDA in
+    gpu_layout and replayed from the network's captured graphs; elsewhere run eagerly."""
     param = next(network.parameters())
     if param.device.type != "cuda":
-        return network
-    return CapturedNetwork(channels_last(network))
+        return lambda x, t, context: run_fp32(network, x, t, context)
+    return captured(gpu_layout(network))
+
+
+def captured(network, kind=CapturedNetwork):
+    """The network's CapturedNetwork, kept between runs; a new one when its weights have moved."""
+    cache = _CAPTURED.get(network)
+    if cache is None or cache.weights != weights_key(network):
+        cache = _CAPTURED[network] = kind(network)
+    return cache

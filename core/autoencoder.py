@@ -329,7 +329,7 @@ class AutoencoderKL(nn.Module):
         for y0, wy in blend_weights(h, tile, overlap, f):
             for x0, wx in blend_weights(w, tile, overlap, f):
                 x = self.decode(z[:, :, y0:y0 + len(wy) // f, x0:x0 + len(wx) // f])
-                weight = (wy[:, None] * wx[None, :]).to(x.dtype)
+                weight = (wy[:, None] * wx[None, :]).to(x.device, x.dtype)
                 out[:, :, f * y0:f * y0 + len(wy), f * x0:f * x0 + len(wx)] += x * weight
         return out
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .accel import channels_last, fast_network
+from .accel import fast_network, gpu_layout
 from .autoencoder import IdentityAutoencoder, placement
 from .denoiser import Denoiser
 from .likelihood import variational_bound
@@ -119,8 +119,7 @@ def encode_image(vae, image):
 def decode_latent(vae, latent, tile_above=96):
     """Unscaled latent -> IMAGE [B, H, W, 3] in 0..1; tiled when a side exceeds `tile_above` latent pixels."""
     device, dtype = placement(vae)
-    if device.type == "cuda":
-        channels_last(vae)
+    gpu_layout(vae)
     z = latent.to(device, dtype)
     with torch.inference_mode():
         x = vae.decode_tiled(z) if max(z.shape[-2:]) > tile_above else vae.decode(z)
@@ -186,7 +185,7 @@ def sample(model, latent, positive, negative, seed, sampler_name, cfg, sigmas, g
     sigma_0 = float(sigmas[0])
     z = latent.float() * model.scale_factor
     start_scale = math.sqrt(1 + sigma_0**2) if not latent.any() else sigma_0
-    x = (z + noise * start_scale).to(param.device, param.dtype)
+    x = (z + noise * start_scale).to(param.device)  # the sampler's state stays fp32; fast_network casts
     cond = positive.context.to(param.device, param.dtype)
     uncond = negative.context.to(param.device, param.dtype) if negative is not None else None
     denoiser = Denoiser(fast_network(model.network), model.schedule, model.prediction, cond, uncond, cfg, guidance_rescale)

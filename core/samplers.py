@@ -65,7 +65,13 @@ def _generator(generator):
 
 
 def _noise(x, generator):
-    return torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+    """Step noise from the CPU generator, on x's device and dtype. For CUDA it is drawn into pinned
+    memory and copied without blocking the host (torch's pinned allocator keeps the block until the
+    copy has run), so a stochastic sampler needs no host sync per step."""
+    if x.device.type != "cuda":
+        return torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+    noise = torch.randn(x.shape, generator=generator, out=torch.empty(x.shape, pin_memory=True))
+    return noise.to(x.device, non_blocking=True).to(x.dtype)
 
 
 def _setup(sigmas, callback, generator=None):

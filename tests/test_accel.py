@@ -153,7 +153,7 @@ def test_sampling_run_is_unchanged_by_the_fast_path(monkeypatch):
     sigmas = sampling_schedule(schedule, 8, "karras").sigmas
     latent = torch.zeros(1, 4, 16, 16)
     cond, uncond = (Conditioning(inputs(seed=s)[2][:1].cuda(), "") for s in (1, 2))
-    fast = sample(model, latent, cond, uncond, 7, "dpmpp_2m", 5.0, sigmas)
+    fast = sample(model, latent, cond, uncond, seed=7, sampler_name="dpmpp_2m", cfg=5.0, sigmas=sigmas)
     monkeypatch.setattr("ldm_nodes.core.pipeline.fast_network", lambda network: network)
-    eager = sample(model, latent, cond, uncond, 7, "dpmpp_2m", 5.0, sigmas)
+    eager = sample(model, latent, cond, uncond, seed=7, sampler_name="dpmpp_2m", cfg=5.0, sigmas=sigmas)
     torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5)

@@ -259,6 +259,9 @@ def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, 
     if height % multiple or width % multiple:
         raise ValueError(f"image: {width}x{height} is not a multiple of {multiple} (the autoencoder's f times "
                          f"the denoiser's patch size)")
+    if model.in_channels != model.latent_channels:
+        raise InputError("model", f"{model.name or 'this model'} is an inpainting model: it models the masked "
+                         "region given the rest, not whole images, so it has no likelihood of an image")
     if not hasattr(model.schedule, "num_timesteps"):
         raise ValueError("model: has no known training schedule, and the bound needs the alpha_bar it was "
                          "trained with")

@@ -28,7 +28,8 @@ from ldm_nodes.core.checkpoint import load_checkpoint  # noqa: E402
 from ldm_nodes.core.denoiser import Denoiser  # noqa: E402
 from ldm_nodes.core.errors import InputError  # noqa: E402
 from ldm_nodes.core.inpaint import latent_mask, masked_pixels  # noqa: E402
-from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, encode_image, inpainting_network, sample  # noqa: E402
+from ldm_nodes.core.pipeline import (Conditioning, DiffusionModel, encode_image, inpainting_network,  # noqa: E402
+                                     likelihood, sample)
 from ldm_nodes.core.randomise import randomise  # noqa: E402
 from ldm_nodes.core.samplers import SAMPLERS  # noqa: E402
 from ldm_nodes.core.schedule import sampling_schedule  # noqa: E402
@@ -144,3 +145,9 @@ def test_inpainting_model_without_a_mask_is_refused_naming_the_model_and_the_mas
     sigmas = sampling_schedule(model.schedule, 2, "leading", 1).sigmas
     with pytest.raises(InputError, match=r"sd-inpainting-tiny\.safetensors.*inpainting model.*mask"):
         sample(model, torch.zeros(1, 4, 16, 16), context, context, seed=0, sigmas=sigmas, sampler_name="euler", cfg=1.0)
+
+
+def test_inpainting_model_has_no_image_likelihood(inpainting_file):
+    checkpoint = load_checkpoint(inpainting_file[0])
+    with pytest.raises(InputError, match="^model: sd-inpainting-tiny.safetensors is an inpainting model"):
+        likelihood(DiffusionModel.from_checkpoint(checkpoint), checkpoint.vae, torch.zeros(1, SIZE, SIZE, 3))

@@ -228,7 +228,7 @@ def inpainting_network(model, mask, z, masked_latent):
     if in_channels == model.latent_channels:
         return network
     if mask is None:
-        raise InputError("latent", f"the model {model.name or ''} is an inpainting model ({in_channels} input "
+        raise InputError("latent", f"{model.name or 'the model'} is an inpainting model ({in_channels} input "
                          "channels) and needs a mask, but the latent has no noise_mask: give LDMEncodeImage a "
                          "mask, or link SetLatentNoiseMask")
     masked = z if masked_latent is None else masked_latent.float() * model.scale_factor

@@ -151,3 +151,11 @@ def test_inpainting_model_has_no_image_likelihood(inpainting_file):
     checkpoint = load_checkpoint(inpainting_file[0])
     with pytest.raises(InputError, match="^model: sd-inpainting-tiny.safetensors is an inpainting model"):
         likelihood(DiffusionModel.from_checkpoint(checkpoint), checkpoint.vae, torch.zeros(1, SIZE, SIZE, 3))
+
+
+def test_without_a_masked_image_the_inpainting_model_reads_the_latent_itself_as_comfyui_does(inpainting_file):
+    """After core's SetLatentNoiseMask there is no masked image: ComfyUI's concat_cond falls back to the latent."""
+    model = DiffusionModel.from_checkpoint(load_checkpoint(inpainting_file[0]))
+    z, mask = torch.randn(2, 4, 16, 16), latent_mask(torch.full((1, 32, 32), 0.7), (2, 4, 16, 16))
+    network = inpainting_network(model, mask, z, None)
+    assert torch.equal(network.extra, torch.cat([torch.ones(2, 1, 16, 16), z], dim=1))

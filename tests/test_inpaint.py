@@ -1,7 +1,6 @@
 """Masks and inpainting (core/inpaint.py, LDMSample's noise_mask, LDMEncodeImage's mask, the mask stand-ins,
 the shipped inpaint workflow), checked against ComfyUI 0.3.64's rules written out as closed forms."""
 import importlib.util
-import math
 from pathlib import Path
 
 import numpy as np

@@ -5,6 +5,8 @@ already there) and refuses a prefix that leaves <out>; PreviewImage writes the s
 <out>/temp/ComfyUI_temp_00001_.png, ... (ComfyUI's temp folder; delete it freely). LoadImage reads
 names inside the input folder only. The folders are those of the run in progress (`session()`),
 which the runner sets with `using(Session(...))`.
+The mask nodes (SetLatentNoiseMask, ImageToMask, InvertMask, ImageCompositeMasked) are ComfyUI's
+(nodes.py, comfy_extras/nodes_mask.py at 0.3.64), with the same inputs and results.
 """
 import json
 import os
@@ -18,7 +20,9 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .core.errors import InputError
 from .core.images import read_image
+from .core.inpaint import composite
 
 
 @dataclass
@@ -175,4 +179,73 @@ class LoadImage:
         return torch.from_numpy(rgb)[None], torch.from_numpy(mask)[None]
 
 
-STAND_INS = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "LoadImage": LoadImage}
+MAX_RESOLUTION = 16384  # nodes.MAX_RESOLUTION
+
+
+class SetLatentNoiseMask:
+    """ComfyUI's SetLatentNoiseMask: the LATENT with noise_mask = mask as [B, 1, H, W] (LDMSample repaints it)."""
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "set_mask"
+    CATEGORY = "latent/inpaint"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "mask": ("MASK",)}}
+
+    def set_mask(self, samples, mask):
+        return ({**samples, "noise_mask": mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))},)
+
+
+class ImageToMask:
+    """ComfyUI's ImageToMask: one channel of an IMAGE as a MASK [B, H, W]."""
+    RETURN_TYPES = ("MASK",)
+    FUNCTION = "image_to_mask"
+    CATEGORY = "mask"
+    CHANNELS = ["red", "green", "blue", "alpha"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "channel": (cls.CHANNELS,)}}
+
+    def image_to_mask(self, image, channel):
+        index = self.CHANNELS.index(channel)
+        if index >= image.shape[-1]:
+            raise InputError("channel", f"the image has {image.shape[-1]} channels, so no {channel} channel")
+        return (image[:, :, :, index],)
+
+
+class InvertMask:
+    """ComfyUI's InvertMask: 1 - mask."""
+    RETURN_TYPES = ("MASK",)
+    FUNCTION = "invert"
+    CATEGORY = "mask"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"mask": ("MASK",)}}
+
+    def invert(self, mask):
+        return (1.0 - mask,)
+
+
+class ImageCompositeMasked:
+    """ComfyUI's ImageCompositeMasked: source pasted onto destination at (x, y) through the mask
+    (core/inpaint.composite): mask * source + (1 - mask) * destination."""
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "composite"
+    CATEGORY = "image"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        position = {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 1}
+        return {"required": {"destination": ("IMAGE",), "source": ("IMAGE",), "x": ("INT", position),
+                             "y": ("INT", position), "resize_source": ("BOOLEAN", {"default": False})},
+                "optional": {"mask": ("MASK",)}}
+
+    def composite(self, destination, source, x, y, resize_source, mask=None):
+        return (composite(destination, source, x, y, mask, resize_source),)
+
+
+STAND_INS = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "LoadImage": LoadImage,
+             "SetLatentNoiseMask": SetLatentNoiseMask, "ImageToMask": ImageToMask, "InvertMask": InvertMask,
+             "ImageCompositeMasked": ImageCompositeMasked}

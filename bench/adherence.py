@@ -39,7 +39,8 @@ def generate(checkpoint, captions, seed, cfg, steps=20, size=64, sampler="dpmpp_
     f = vae.config.f
     latent = torch.zeros(len(captions), vae.config.embed_dim, size // f, size // f)
     sigmas = ScheduleSpec("model", steps, "karras").sigmas(checkpoint.schedule)
-    out = sample(model, latent, Conditioning(cond, ""), Conditioning(uncond, ""), seed, sampler, cfg, sigmas)
+    out = sample(model, latent, Conditioning(cond, ""), Conditioning(uncond, ""), seed=seed, sampler_name=sampler,
+                 cfg=cfg, sigmas=sigmas)
     return decode_latent(vae, out)
 
 

@@ -193,7 +193,7 @@ def sampler_images(device, steps):
         latent = torch.zeros(1, ck.vae.config.embed_dim, 64 // ck.vae.config.f, 64 // ck.vae.config.f)
         with torch.inference_mode():
             cond, uncond = (Conditioning(encode_prompt(tokenizer, ck.text_encoder, p), p) for p in (PROMPT, ""))
-        return {name: decode_latent(ck.vae, sample(model, latent, cond, uncond, 0, name, 5.0, sigmas)) * 255
+        return {name: decode_latent(ck.vae, sample(model, latent, cond, uncond, seed=0, sampler_name=name, cfg=5.0, sigmas=sigmas)) * 255
                 for name in SAMPLERS}
 
     reference = images(torch.device("cpu"))

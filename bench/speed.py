@@ -177,7 +177,8 @@ def image_row(unet, text, vae, twins, latent, steps, cfg, device, repeats):
         with torch.inference_mode():
             cond = Conditioning(encode_prompt(tokenizer, text, PROMPT), PROMPT)
             uncond = Conditioning(encode_prompt(tokenizer, text, ""), "")
-        return decode_latent(vae, sample(model, start, cond, uncond, 0, "dpmpp_2m", cfg, sigmas))
+        return decode_latent(vae, sample(model, start, cond, uncond, seed=0, sampler_name="dpmpp_2m", cfg=cfg,
+                                         sigmas=sigmas))
 
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -40,7 +40,8 @@ def main():
         with torch.inference_mode():
             cond = Conditioning(encode_prompt(tokenizer, ck.text_encoder, "a small green square on the left on a white background"), "")
             uncond = Conditioning(encode_prompt(tokenizer, ck.text_encoder, ""), "")
-        decode_latent(vae, sample(model, latent, cond, uncond, 0, "dpmpp_2m", args.cfg, sigmas))
+        decode_latent(vae, sample(model, latent, cond, uncond, seed=0, sampler_name="dpmpp_2m", cfg=args.cfg,
+                                  sigmas=sigmas))
 
     torch.manual_seed(0)
     is_unet = isinstance(ck.denoiser, UNetModel)

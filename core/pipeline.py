@@ -6,6 +6,7 @@ denoiser, the samplers and SIGMAS all work on scaled latents and mean what Comfy
 """
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,9 @@ import torch
 from .accel import fast_network, gpu_layout
 from .autoencoder import IdentityAutoencoder, placement
 from .denoiser import Denoiser
+from .errors import InputError
+from .inpaint import (ConcatInputs, MaskedDenoiser, concat_inputs, grow_mask, keep_outside, latent_mask, masked_pixels,
+                      repeat_to_batch)
 from .likelihood import variational_bound
 from .samplers import get_sampler
 from .schedule import BETA_SCHEDULES, SPACINGS, TrainingSchedule, sampling_schedule
@@ -31,6 +35,12 @@ class DiffusionModel:
     pixel_space: bool = False  # the identity autoencoder: x0 is the image itself, in [-1, 1]
     resolution: int = None  # the image size it was trained on, when its file says
     empty_context: torch.Tensor = None  # the empty prompt's encoding: the likelihood's default condition
+    name: str = None  # the file it came from, for messages
+
+    @property
+    def in_channels(self):
+        """The channels the network reads: more than the latent's for an inpainting model."""
+        return getattr(getattr(self.network, "config", None), "in_channels", self.latent_channels)
 
     @classmethod
     def from_checkpoint(cls, checkpoint):
@@ -39,7 +49,8 @@ class DiffusionModel:
         with torch.inference_mode():
             empty = encode_prompt(CLIPTokenizer(), checkpoint.text_encoder, "")
         return cls(checkpoint.denoiser, checkpoint.schedule, checkpoint.prediction, vae.scale_factor, vae.embed_dim,
-                   isinstance(checkpoint.vae, IdentityAutoencoder), checkpoint.resolution, empty)
+                   isinstance(checkpoint.vae, IdentityAutoencoder), checkpoint.resolution, empty,
+                   os.path.basename(checkpoint.path))
 
 
 @dataclass
@@ -116,6 +127,13 @@ def encode_image(vae, image):
         return vae.encode(x).mode().float().cpu()
 
 
+def encode_masked_image(vae, image, mask, grow_mask_by):
+    """VAEEncodeForInpaint's parts, keeping the image: (latent of the image, noise mask grown by
+    grow_mask_by pixels, latent of the image with the masked pixels gray, for inpainting models)."""
+    noise_mask = grow_mask(mask, image.shape[1:3], grow_mask_by)
+    return encode_image(vae, image), noise_mask, encode_image(vae, masked_pixels(image, mask))
+
+
 def decode_latent(vae, latent, tile_above=96):
     """Unscaled latent -> IMAGE [B, H, W, 3] in 0..1; tiled when a side exceeds `tile_above` latent pixels."""
     device, dtype = placement(vae)
@@ -165,33 +183,63 @@ def run_sigmas(model, spec, denoise, sigmas=None):
     return spec.sigmas(model_schedule, total)[-(spec.steps + 1):]
 
 
-def sample(model, latent, positive, negative, seed, sampler_name, cfg, sigmas, guidance_rescale=0.0,
-           eta=-1.0, ddpm_variance="beta_tilde", callback=None):
+def sample(model, latent, positive, negative, *, seed, sigmas, sampler_name, cfg, eta=-1.0, guidance_rescale=0.0,
+           ddpm_variance="beta_tilde", noise_mask=None, masked_latent=None, callback=None):
     """Denoise an unscaled latent [B, C, h, w] along `sigmas`; returns the unscaled result on the CPU.
 
+    Everything after `negative` is passed by name, so two adjacent numbers cannot be swapped.
     Noise (contract): g = Generator("cpu").manual_seed(seed), the initial noise randn(latent.shape, g)
     drawn first, then the sampler's step noise from the same g. The start is
     x = z + noise * sigma_0 for a given latent z (exact: x = x0 + sigma eps), and
     x = noise * sqrt(1 + sigma_0^2) for an empty (all-zero) latent: the marginal of unit-variance data.
+    noise_mask (a MASK in image pixels, 1 = repaint; LATENT["noise_mask"]): inpainting with ComfyUI's
+    rule (core/inpaint.py); the kept region is noised with the same initial noise, so no draw is added.
+    masked_latent: the unscaled latent of the masked image, for an inpainting model's extra inputs.
     """
     options = sampler_options(sampler_name, eta, ddpm_variance)
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed: must be in [0, 2^64 - 1], got {seed}")
+    mask = latent_mask(noise_mask, latent.shape) if noise_mask is not None else None
+    z = latent.float() * model.scale_factor
+    network = inpainting_network(model, mask, z, masked_latent)
     if len(sigmas) < 2:
         return latent.clone()
     param = next(model.network.parameters())
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn(latent.shape, generator=generator)
     sigma_0 = float(sigmas[0])
-    z = latent.float() * model.scale_factor
     start_scale = math.sqrt(1 + sigma_0**2) if not latent.any() else sigma_0
     x = (z + noise * start_scale).to(param.device)  # the sampler's state stays fp32; fast_network casts
     cond = positive.context.to(param.device, param.dtype)
     uncond = negative.context.to(param.device, param.dtype) if negative is not None else None
-    denoiser = Denoiser(fast_network(model.network), model.schedule, model.prediction, cond, uncond, cfg, guidance_rescale)
+    denoiser = Denoiser(network, model.schedule, model.prediction, cond, uncond, cfg, guidance_rescale)
+    if mask is not None:
+        denoiser = MaskedDenoiser(denoiser, z.to(x), noise.to(x), mask.to(x))
     with torch.inference_mode():
         x = get_sampler(sampler_name)(denoiser, x, sigmas, generator=generator, callback=callback, **options)
-    return (x.float() / model.scale_factor).cpu()
+    out = (x.float() / model.scale_factor).cpu()
+    return out if mask is None else keep_outside(out, latent.float(), mask)
+
+
+def inpainting_network(model, mask, z, masked_latent):
+    """The network to sample with: an inpainting model (more input channels than the latent has) reads
+    cat(x_t, mask, masked image latent) and is refused without a mask; any other model is used as is."""
+    network = fast_network(model.network)
+    in_channels = model.in_channels
+    if in_channels == model.latent_channels:
+        return network
+    if mask is None:
+        raise InputError("latent", f"{model.name or 'the model'} is an inpainting model ({in_channels} input "
+                         "channels) and needs a mask, but the latent has no noise_mask: give LDMEncodeImage a "
+                         "mask, or link SetLatentNoiseMask")
+    masked = z if masked_latent is None else masked_latent.float() * model.scale_factor
+    if masked.shape[1:] != z.shape[1:]:
+        raise InputError("latent", f"masked_latent {list(masked.shape)} does not match the latent {list(z.shape)}")
+    extra = concat_inputs(mask, repeat_to_batch(masked, len(z)))
+    if in_channels != model.latent_channels + extra.shape[1]:
+        raise InputError("model", f"{model.name or 'this model'} has {in_channels} input channels; an inpainting "
+                         f"model has {model.latent_channels + extra.shape[1]} (latent, mask, masked image)")
+    return ConcatInputs(network, extra.to(next(model.network.parameters()).device))
 
 
 def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, seed=0, progress=None):
@@ -212,6 +260,9 @@ def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, 
     if height % multiple or width % multiple:
         raise ValueError(f"image: {width}x{height} is not a multiple of {multiple} (the autoencoder's f times "
                          f"the denoiser's patch size)")
+    if model.in_channels != model.latent_channels:
+        raise InputError("model", f"{model.name or 'this model'} is an inpainting model: it models the masked "
+                         "region given the rest, not whole images, so it has no likelihood of an image")
     if not hasattr(model.schedule, "num_timesteps"):
         raise ValueError("model: has no known training schedule, and the bound needs the alpha_bar it was "
                          "trained with")

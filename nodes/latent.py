@@ -1,5 +1,5 @@
 """LDMEmptyLatent, LDMEncodeImage, LDMDecodeLatent: between images and the autoencoder's latents."""
-from ..core.pipeline import decode_latent, empty_latent, encode_image
+from ..core.pipeline import decode_latent, empty_latent, encode_image, encode_masked_image
 
 
 class LDMEmptyLatent:
@@ -25,21 +25,35 @@ class LDMEmptyLatent:
 
 class LDMEncodeImage:
     DESCRIPTION = ("Encodes images to latents with the autoencoder (the posterior mean, so the same image gives "
-                   "the same latent): the start of image-to-image with LDMSample's denoise below 1.")
+                   "the same latent): the start of image-to-image with LDMSample's denoise below 1. With a mask, "
+                   "the latent carries it as ComfyUI's noise_mask: LDMSample then repaints only the masked "
+                   "region (inpainting), as core's VAEEncodeForInpaint, but the image itself is kept.")
     CATEGORY = "latent diffusion"
     FUNCTION = "encode"
     RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The images' latents (unscaled, as ComfyUI keeps them).",)
+    OUTPUT_TOOLTIPS = ("The images' latents (unscaled, as ComfyUI keeps them), with the noise_mask when a mask is "
+                       "given.",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": ("LDM_VAE", {"tooltip": "The autoencoder from LDMLoadModel."}),
             "image": ("IMAGE", {"tooltip": "Images whose sides are multiples of the autoencoder's f."}),
+        }, "optional": {
+            "mask": ("MASK", {"tooltip": "What to repaint (1) and keep (0), e.g. LoadImage's MASK (drawn in its mask "
+                                         "editor, or a PNG's transparent pixels). A mask of another size is resized "
+                                         "to the image (bilinear, as ComfyUI does), then rounded; values outside "
+                                         "0..1 are clamped."}),
+            "grow_mask_by": ("INT", {"default": 6, "min": 0, "max": 64, "step": 1,
+                                     "tooltip": "Dilate the mask by this many pixels (a square of ones, as "
+                                                "VAEEncodeForInpaint) so the repainted region blends in."}),
         }}
 
-    def encode(self, vae, image):
-        return ({"samples": encode_image(vae.get(), image)},)
+    def encode(self, vae, image, mask=None, grow_mask_by=6):
+        if mask is None:
+            return ({"samples": encode_image(vae.get(), image)},)
+        samples, noise_mask, masked_latent = encode_masked_image(vae.get(), image, mask, grow_mask_by)
+        return ({"samples": samples, "noise_mask": noise_mask, "masked_latent": masked_latent},)
 
 
 class LDMDecodeLatent:

@@ -28,7 +28,9 @@ class LDMSample:
                 "negative": ("LDM_CONDITIONING", {"tooltip": "What guidance steers away from; the empty prompt "
                                                              "is the usual choice."}),
                 "latent": ("LATENT", {"tooltip": "LDMEmptyLatent for text-to-image, LDMEncodeImage for "
-                                                 "image-to-image."}),
+                                                 "image-to-image. With a noise_mask (LDMEncodeImage's mask or "
+                                                 "core's SetLatentNoiseMask) only the masked region is repainted "
+                                                 "and the rest of the latent is kept exactly."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Seed of the CPU generator all noise is drawn from."}),
                 "sampler_name": (list(SAMPLERS), {
@@ -72,6 +74,8 @@ class LDMSample:
                 preview = latent_preview(step["denoised"] / core.scale_factor, latent_to_rgb)
             progress.update(step["i"] + 1, preview)
 
-        out = sample(core, latent["samples"], positive, negative, seed, sampler_name, cfg, run, guidance_rescale,
-                     eta, ddpm_variance, callback)
+        out = sample(core, latent["samples"], positive, negative, seed=seed, sigmas=run, sampler_name=sampler_name,
+                     cfg=cfg, eta=eta, guidance_rescale=guidance_rescale, ddpm_variance=ddpm_variance,
+                     noise_mask=latent.get("noise_mask"), masked_latent=latent.get("masked_latent"),
+                     callback=callback)
         return ({**latent, "samples": out},)

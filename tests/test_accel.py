@@ -212,8 +212,8 @@ def sampling_run(network, sampler, callback=None, cfg=5.0):
     g = torch.Generator().manual_seed(1)
     cond, uncond = (Conditioning(torch.randn(1, 7, 64, generator=g), "") for _ in range(2))
     return sample(DiffusionModel(network, schedule, "eps", 1.0, 4), torch.zeros(1, 4, 16, 16), cond,
-                  uncond if cfg != 1 else None, 7, sampler, cfg, sampling_schedule(schedule, 10, "karras").sigmas,
-                  callback=callback)
+                  uncond if cfg != 1 else None, seed=7, sampler_name=sampler, cfg=cfg,
+                  sigmas=sampling_schedule(schedule, 10, "karras").sigmas, callback=callback)
 
 
 @pytest.mark.parametrize("dtype", RUN_DRIFT, ids=["fp16", "bf16"])

@@ -18,6 +18,12 @@ inputs and both model files; GET /ldm/schedule and /api/ldm/schedule; GET /exten
 panel's JS; every workflows/api/*.json runs to execution_success over the websocket with per-step
 progress and preview frames, and its SaveImage files exist; a bad ckpt_name is refused by
 validation; POST /interrupt stops a long run; POST /free, then a run loads the models again.
+Masks: the runner's stand-ins declare the inputs of ComfyUI's own mask nodes; core's SetLatentNoiseMask
+on LDMEncodeImage's latent makes LDMSample keep the latent outside the mask exactly (read back through
+core's SaveLatent), and core's ImageCompositeMasked then gives the original pixels outside the mask.
+
+Why this file is long: one server is started per module (about 15-45 s), so every check that needs a
+real ComfyUI shares it here; the server harness alone is about 150 lines.
 """
 import asyncio
 import io
@@ -33,6 +39,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -48,6 +55,7 @@ from ldm_nodes.core.checkpoint import save_checkpoint  # noqa: E402
 from ldm_nodes.core.schedule import TrainingSchedule  # noqa: E402
 from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from ldm_nodes.core.unet import UNetConfig, UNetModel  # noqa: E402
+from ldm_nodes.standins import STAND_INS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMFY = Path(COMFYUI_DIR).expanduser().resolve()
@@ -62,7 +70,7 @@ NODES = {  # contract (ARCHITECTURE.md section 2): input names in order, require
     "LDMEncodeText": (["text_encoder", "text"], []),
     "LDMNoiseSchedule": (["beta_schedule", "steps", "spacing", "zero_terminal_snr"], ["model"]),
     "LDMEmptyLatent": (["vae", "width", "height", "batch_size"], []),
-    "LDMEncodeImage": (["vae", "image"], []),
+    "LDMEncodeImage": (["vae", "image"], ["mask", "grow_mask_by"]),
     "LDMSample": (["model", "schedule", "positive", "negative", "latent", "seed", "sampler_name", "cfg", "denoise"],
                   ["sigmas", "eta", "guidance_rescale", "ddpm_variance"]),
     "LDMDecodeLatent": (["vae", "samples"], []),
@@ -116,7 +124,8 @@ class Server:
         tiny_model(extra / "ldm" / EXTRA_MODEL, seed=1)
         config = self.root / "extra_model_paths.yaml"
         config.write_text(f"ldm_nodes_test:\n    base_path: {json.dumps(str(extra))}\n    ldm: ldm\n")
-        shutil.copy(REPO / "input" / "shapes.png", self.base / "input" / "shapes.png")
+        for name in ("shapes.png", "inpaint.png"):
+            shutil.copy(REPO / "input" / name, self.base / "input" / name)
         args = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                 "--disable-auto-launch", "--base-directory", str(self.base),
                 "--extra-model-paths-config", str(config)]
@@ -361,3 +370,48 @@ def test_free_memory_then_run_again(server):
     kind, data, *_ = asyncio.run(server.run(workflow(WORKFLOWS[-1], steps=3)))
     assert kind == "execution_success", data
     assert server.log().count("Requested to load UNetModel") > loads, "the model was not loaded again"
+
+
+def test_the_stand_ins_declare_comfyuis_inputs_and_outputs(server):
+    info = asyncio.run(server.get_json("/object_info"))
+    for name, cls in STAND_INS.items():
+        declared = cls.INPUT_TYPES()
+        for category in ("required", "optional"):
+            ours = {k: v[0] for k, v in declared.get(category, {}).items()}
+            theirs = {k: v[0] for k, v in info[name]["input"].get(category, {}).items()}
+            if name == "LoadImage":  # the file list differs: compare the names and their order only
+                ours, theirs = list(ours), list(theirs)
+            assert ours == theirs, (name, category)
+        assert list(cls.RETURN_TYPES) == info[name]["output"], name
+
+
+def test_core_set_latent_noise_mask_keeps_the_unmasked_region(server):
+    """LoadImage (MASK = 1 - alpha) -> LDMEncodeImage -> core's SetLatentNoiseMask -> LDMSample: outside the
+    mask the sampled latent is the encoded one (both saved by core's SaveLatent); core's ImageCompositeMasked
+    then gives back the original pixels there exactly."""
+    from safetensors.torch import load_file
+
+    prompt = workflow(REPO / "workflows" / "api" / "inpaint.json", steps=4)
+    prompt["9"]["inputs"] = {"vae": ["1", 2], "image": ["5", 0]}  # no mask here: core's node sets it
+    prompt["20"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["9", 0], "mask": ["5", 1]}}
+    prompt["6"]["inputs"]["latent"] = ["20", 0]
+    prompt["21"] = {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "inpaint/encoded"}}
+    prompt["22"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "inpaint/sampled"}}
+    kind, data, _, _, history = asyncio.run(server.run(prompt))
+    assert kind == "execution_success", f"{kind}: {data}\n{server.log_tail()}"
+
+    def output(node, key):
+        (entry,) = history["outputs"][node][key]
+        return server.base / "output" / entry["subfolder"] / entry["filename"]
+
+    encoded = load_file(output("21", "latents"))["latent_tensor"]
+    sampled = load_file(output("22", "latents"))["latent_tensor"]
+    assert encoded.shape == sampled.shape == (1, 4, 16, 16)  # the tiny model's f = 4
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[4:12, 0:8] = True  # the picture's mask (rows 16..47, columns 1..32) on the latent grid
+    assert torch.equal(sampled[..., ~inside], encoded[..., ~inside])
+    assert not torch.equal(sampled[..., inside], encoded[..., inside])
+    with Image.open(output("8", "images")) as final, Image.open(REPO / "input" / "inpaint.png") as original:
+        final, original = torch.from_numpy(np.asarray(final).copy()), torch.from_numpy(np.asarray(original).copy())
+    keep = original[..., 3] == 255
+    assert torch.equal(final[keep], original[..., :3][keep])

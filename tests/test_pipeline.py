@@ -60,7 +60,7 @@ def karras(steps=6, schedule=None):
 @pytest.mark.parametrize("seed", [0, 1234, 2**64 - 1])
 def test_empty_latent_starts_at_first_draw_times_sqrt_one_plus_sigma0_squared(seed):
     sigmas = karras()
-    out = sample(stub_model(), torch.zeros(SHAPE), COND, COND, seed, "euler", 5.0, sigmas)
+    out = sample(stub_model(), torch.zeros(SHAPE), COND, COND, seed=seed, sampler_name="euler", cfg=5.0, sigmas=sigmas)
     expected = fresh_noise(seed) * math.sqrt(1 + float(sigmas[0]) ** 2) / SCALE
     torch.testing.assert_close(out, expected)
 
@@ -70,7 +70,8 @@ def test_every_sampler_starts_from_the_same_x(name):
     """With D(x) = x and no step noise (eta 0 where there is one), every sampler ends where it started."""
     eta = 0.0 if name in ("ddpm", "ddim", "euler_ancestral", "dpmpp_2m_sde") else -1.0
     sigmas = karras(4)
-    out = sample(stub_model(), torch.zeros(SHAPE), COND, COND, 21, name, 1.0, sigmas, eta=eta)
+    out = sample(stub_model(), torch.zeros(SHAPE), COND, COND, seed=21, sampler_name=name, cfg=1.0, sigmas=sigmas,
+                 eta=eta)
     torch.testing.assert_close(out, fresh_noise(21) * math.sqrt(1 + float(sigmas[0]) ** 2) / SCALE,
                                rtol=1e-5, atol=1e-4)
 
@@ -78,7 +79,7 @@ def test_every_sampler_starts_from_the_same_x(name):
 def test_given_latent_starts_at_latent_plus_first_draw_times_sigma0():
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99))
     sigmas = karras()[3:]  # an img2img run: starts lower down
-    out = sample(stub_model(), z, COND, COND, 7, "euler", 1.0, sigmas)
+    out = sample(stub_model(), z, COND, COND, seed=7, sampler_name="euler", cfg=1.0, sigmas=sigmas)
     expected = (z * SCALE + fresh_noise(7) * float(sigmas[0])) / SCALE
     torch.testing.assert_close(out, expected)
 
@@ -87,7 +88,7 @@ def test_start_rule_is_decided_by_any_nonzero_value():
     z = torch.zeros(SHAPE)
     z[1, 2, 3, 4] = 0.5  # one value makes it a given latent
     sigmas = karras()
-    out = sample(stub_model(), z, COND, COND, 3, "heun", 1.0, sigmas)
+    out = sample(stub_model(), z, COND, COND, seed=3, sampler_name="heun", cfg=1.0, sigmas=sigmas)
     torch.testing.assert_close(out, (z * SCALE + fresh_noise(3) * float(sigmas[0])) / SCALE)
 
 
@@ -99,10 +100,10 @@ def test_same_seed_same_latent_other_seed_other_latent():
     z = torch.zeros(1, 4, 8, 8)
     sigmas = karras(3)
     torch.manual_seed(1)  # the global RNG must play no part
-    a = sample(model, z, cond, cond, 5, "euler_ancestral", 1.0, sigmas)
+    a = sample(model, z, cond, cond, seed=5, sampler_name="euler_ancestral", cfg=1.0, sigmas=sigmas)
     torch.manual_seed(2)
-    b = sample(model, z, cond, cond, 5, "euler_ancestral", 1.0, sigmas)
-    c = sample(model, z, cond, cond, 6, "euler_ancestral", 1.0, sigmas)
+    b = sample(model, z, cond, cond, seed=5, sampler_name="euler_ancestral", cfg=1.0, sigmas=sigmas)
+    c = sample(model, z, cond, cond, seed=6, sampler_name="euler_ancestral", cfg=1.0, sigmas=sigmas)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
 
@@ -110,7 +111,8 @@ def test_same_seed_same_latent_other_seed_other_latent():
 @pytest.mark.parametrize("eta, used", [(-1.0, 1.0), (0.5, 0.5)])
 def test_ancestral_step_noise_continues_from_the_same_generator(eta, used):
     seed, sigmas = 31, karras(5)
-    out = sample(stub_model(), torch.zeros(SHAPE), COND, COND, seed, "euler_ancestral", 1.0, sigmas, eta=eta)
+    out = sample(stub_model(), torch.zeros(SHAPE), COND, COND, seed=seed, sampler_name="euler_ancestral", cfg=1.0,
+                 sigmas=sigmas, eta=eta)
     g = torch.Generator("cpu").manual_seed(seed)
     s = [float(v) for v in sigmas]
     x = torch.randn(SHAPE, generator=g) * math.sqrt(1 + s[0] ** 2)
@@ -131,7 +133,7 @@ def test_sampler_receives_the_generator_right_after_the_initial_noise(monkeypatc
 
     monkeypatch.setattr(pipeline, "get_sampler", lambda name: fake)
     sigmas, marker = karras(), object()
-    sample(stub_model(), torch.zeros(SHAPE), COND, COND, 11, "ddpm", 1.0, sigmas, eta=0.3,
+    sample(stub_model(), torch.zeros(SHAPE), COND, COND, seed=11, sampler_name="ddpm", cfg=1.0, sigmas=sigmas, eta=0.3,
            ddpm_variance="beta", callback=marker)
     g = torch.Generator("cpu").manual_seed(11)
     torch.randn(SHAPE, generator=g)
@@ -143,13 +145,14 @@ def test_sampler_receives_the_generator_right_after_the_initial_noise(monkeypatc
 @pytest.mark.parametrize("seed", [-1, 2**64])
 def test_seed_out_of_range_is_refused(seed):
     with pytest.raises(ValueError, match="seed"):
-        sample(stub_model(), torch.zeros(SHAPE), COND, COND, seed, "euler", 1.0, karras())
+        sample(stub_model(), torch.zeros(SHAPE), COND, COND, seed=seed, sampler_name="euler", cfg=1.0, sigmas=karras())
 
 
 def test_ddpm_variance_reaches_the_sampler():
-    args = (stub_model(), torch.zeros(SHAPE), COND, COND, 4, "ddpm", 1.0, karras(4))
-    tilde = sample(*args, ddpm_variance="beta_tilde")
-    beta = sample(*args, ddpm_variance="beta")
+    args = (stub_model(), torch.zeros(SHAPE), COND, COND)
+    settings = dict(seed=4, sampler_name="ddpm", cfg=1.0, sigmas=karras(4))
+    tilde = sample(*args, **settings, ddpm_variance="beta_tilde")
+    beta = sample(*args, **settings, ddpm_variance="beta")
     assert torch.isfinite(tilde).all() and not torch.allclose(tilde, beta)
 
 
@@ -171,7 +174,8 @@ def test_eta_for_a_sampler_without_one_is_refused(name):
     with pytest.raises(ValueError, match="eta"):
         sampler_options(name, 0.5, "beta_tilde")
     with pytest.raises(ValueError, match="eta"):
-        sample(stub_model(), torch.zeros(SHAPE), COND, COND, 0, name, 1.0, karras(), eta=0.0)
+        sample(stub_model(), torch.zeros(SHAPE), COND, COND, seed=0, sampler_name=name, cfg=1.0, sigmas=karras(),
+               eta=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +205,7 @@ def test_denoise_zero_leaves_the_latent_unchanged():
     run = run_sigmas(model, ScheduleSpec("model", 10, "karras"), 0.0)
     assert len(run) < 2
     z = torch.randn(SHAPE)
-    out = sample(model, z, COND, COND, 0, "euler_ancestral", 1.0, run)
+    out = sample(model, z, COND, COND, seed=0, sampler_name="euler_ancestral", cfg=1.0, sigmas=run)
     assert torch.equal(out, z)
 
 
@@ -210,7 +214,7 @@ def test_linked_sigmas_are_used_as_given():
     linked = torch.tensor([3.0, 1.5, 0.2, 0.0])
     run = run_sigmas(model, ScheduleSpec("cosine", 20, "leading"), 1.0, linked)
     assert torch.equal(run, linked.double())
-    out = sample(model, torch.zeros(SHAPE), COND, COND, 2, "euler", 1.0, run)
+    out = sample(model, torch.zeros(SHAPE), COND, COND, seed=2, sampler_name="euler", cfg=1.0, sigmas=run)
     torch.testing.assert_close(out, fresh_noise(2) * math.sqrt(1 + 9.0) / SCALE)
 
 
@@ -241,7 +245,7 @@ def test_zero_terminal_snr_runs_for_v_models(beta_schedule):
     model = stub_model("v")
     run = run_sigmas(model, ScheduleSpec(beta_schedule, 5, "karras", zero_terminal_snr=True), 1.0)
     assert abs(float(run[0]) - 4096) < 1 and run[-1] == 0
-    out = sample(model, torch.zeros(SHAPE), COND, COND, 0, "euler", 1.0, run)
+    out = sample(model, torch.zeros(SHAPE), COND, COND, seed=0, sampler_name="euler", cfg=1.0, sigmas=run)
     assert torch.isfinite(out).all()
 
 
@@ -374,11 +378,11 @@ def test_bfloat16_model_matches_float32_loosely():
     uncond = Conditioning(torch.randn(1, 77, 64), "")
     z = torch.zeros(1, 4, 8, 8)
     sigmas = karras(4)
-    full = sample(DiffusionModel(unet, TrainingSchedule(), "eps", SCALE, 4), z, cond, uncond, 3, "dpmpp_2m", 3.0, sigmas)
+    settings = dict(seed=3, sampler_name="dpmpp_2m", cfg=3.0, sigmas=sigmas)
+    full = sample(DiffusionModel(unet, TrainingSchedule(), "eps", SCALE, 4), z, cond, uncond, **settings)
     half_unet = tiny_unet().to(torch.bfloat16)
     half_unet.load_state_dict(unet.state_dict())
-    half = sample(DiffusionModel(half_unet, TrainingSchedule(), "eps", SCALE, 4), z, cond, uncond, 3, "dpmpp_2m", 3.0,
-                  sigmas)
+    half = sample(DiffusionModel(half_unet, TrainingSchedule(), "eps", SCALE, 4), z, cond, uncond, **settings)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert float((half - full).norm() / full.norm()) < 0.05
 
@@ -422,5 +426,6 @@ def test_pixel_model_samples_at_scale_one():
     """scale_factor 1: the sampler works on the image in [-1, 1] itself."""
     model = DiffusionModel(ZeroNet(), TrainingSchedule("linear", 1000, 1e-4, 0.02), "eps", 1.0, 3, pixel_space=True)
     z = torch.full((1, 3, 4, 4), 0.5)
-    out = sample(model, z, COND, None, 0, "euler", 1.0, torch.tensor([2.0, 0.0], dtype=torch.float64))
+    out = sample(model, z, COND, None, seed=0, sampler_name="euler", cfg=1.0,
+                 sigmas=torch.tensor([2.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(out, z + 2.0 * fresh_noise(0, z.shape))  # D(x) = x leaves the start

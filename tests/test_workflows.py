@@ -40,7 +40,7 @@ def is_ui_format(data):
 
 
 def test_the_shipped_workflows():
-    assert {"txt2img", "img2img", "schedule_comparison"} <= set(NAMES)
+    assert {"txt2img", "img2img", "schedule_comparison", "inpaint"} <= set(NAMES)
 
 
 def test_ui_files_sit_one_level_deep_beside_their_api_twins():
@@ -199,6 +199,9 @@ def test_api_workflow_names_a_shipped_builtin_model(name):
 def test_example_input_image():
     with Image.open(INPUT / "shapes.png") as image:
         assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGB"
+    with Image.open(INPUT / "inpaint.png") as image:  # the inpaint workflow's: its transparent pixels are the mask
+        assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGBA"
+        assert 0 < (np.asarray(image)[..., 3] == 0).mean() < 0.5
 
 
 # ---------------------------------------------------------------------------------------------

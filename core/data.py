@@ -239,7 +239,7 @@ def held_out_captions(seed):
 
     make_dataset samples all 1680 captions uniformly, so a training set of thousands of scenes sees
     (nearly) every caption: "held out" means new renders. Evaluate by generating from these captions
-    and reading the images back (bench/scene_analysis.py); render references with scene_for and a
+    and reading the images back (ldm_nodes/tools/scene_analysis.py); render references with scene_for and a
     seed of your own.
     """
     rng = np.random.Generator(np.random.PCG64(seed))

@@ -1,6 +1,5 @@
 """Masks and inpainting (core/inpaint.py, LDMSample's noise_mask, LDMEncodeImage's mask, the mask stand-ins,
 the shipped inpaint workflow), checked against ComfyUI 0.3.64's rules written out as closed forms."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,8 @@ from ldm_nodes.core.data import COLOR_RGB, Scene, render
 from ldm_nodes.core.errors import InputError
 from ldm_nodes.core.inpaint import MaskedDenoiser, composite, grow_mask, latent_mask, masked_pixels
 from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, ScheduleSpec, run_sigmas, sample
-from ldm_nodes.core.randomise import randomise
+from ldm_nodes.tools import scene_analysis
+from ldm_nodes.tools.randomise import randomise
 from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.unet import UNetConfig, UNetModel
 from ldm_nodes.nodes.latent import LDMEncodeImage
@@ -25,9 +25,6 @@ from ldm_nodes.standins import (ImageCompositeMasked, ImageToMask, InvertMask, L
                                 using)
 
 PACK = Path(ldm_nodes.__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("scene_analysis", PACK / "bench" / "scene_analysis.py")
-scene_analysis = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(scene_analysis)
 
 SCALE = 0.5
 SHAPE = (2, 4, 8, 8)  # latents of 32 x 32 images at f = 4

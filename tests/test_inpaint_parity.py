@@ -30,7 +30,7 @@ from ldm_nodes.core.errors import InputError  # noqa: E402
 from ldm_nodes.core.inpaint import latent_mask, masked_pixels  # noqa: E402
 from ldm_nodes.core.pipeline import (Conditioning, DiffusionModel, encode_image, inpainting_network,  # noqa: E402
                                      likelihood, sample)
-from ldm_nodes.core.randomise import randomise  # noqa: E402
+from ldm_nodes.tools.randomise import randomise  # noqa: E402
 from ldm_nodes.core.samplers import SAMPLERS  # noqa: E402
 from ldm_nodes.core.schedule import sampling_schedule  # noqa: E402
 from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel  # noqa: E402

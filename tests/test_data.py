@@ -1,4 +1,4 @@
-"""core/data.py (the procedural captioned dataset) and bench/scene_analysis.py (reading scenes back)."""
+"""core/data.py (the procedural captioned dataset) and ldm_nodes/tools/scene_analysis.py (reading scenes back)."""
 import itertools
 import math
 import re
@@ -238,7 +238,7 @@ def test_held_out_captions_cover_every_word():
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading scenes back (bench/scene_analysis.py)
+# Reading scenes back (ldm_nodes/tools/scene_analysis.py)
 
 
 def test_analysis_position_regions_hold_every_placement():

@@ -104,11 +104,12 @@ def _train_data(args, rank):
     if args.data is None:
         say(f"drawing {args.images} scenes (data seed {args.data_seed})")
         images, captions = make_dataset(args.images, args.data_seed)
-        held_out, held_out_captions = make_dataset(args.val, args.data_seed + 1)  # new renders for the bound
+        held_out = make_dataset(args.val, args.data_seed + 1) if args.val else None  # new renders for the bound
         if args.resolution != images.shape[-1]:
-            images, held_out = downsample(images, args.resolution), downsample(held_out, args.resolution)
+            images = downsample(images, args.resolution)
+            held_out = held_out and (downsample(held_out[0], args.resolution), held_out[1])
         dataset = TensorImages(images, captions, {"data": "procedural scenes", "data_seed": args.data_seed})
-        return dataset, (held_out, held_out_captions) if args.val else None, {"data_seed": args.data_seed}
+        return dataset, held_out, {"data_seed": args.data_seed}
     scan = scan_folder(args.data, args.resolution, args.workers)
     if scan.unreadable:
         names = ", ".join(f"{name} ({why})" for name, why in scan.unreadable[:3])
@@ -159,7 +160,7 @@ def _run(args):
         missing = [d for d in args.models_dir if not Path(d).is_dir()]
         if missing:
             raise runner.WorkflowError(f"--models-dir {missing[0]}: no such folder")
-        set_model_dirs(args.models_dir)
+        set_model_dirs(args.models_dir, file_paths=True)  # ckpt_name may be a file's path, e.g. a run's model
         prompt = runner.apply_overrides(runner.load_workflow(args.workflow), args.set)
         paths = runner.run(prompt, out_dir=args.out, input_dir=args.input_dir)
     except runner.WorkflowError as error:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder
@@ -141,7 +141,7 @@ def load_state(path, modules, optimizer, ema, generator, info):
                     optimizer.state[p] = state
             generator.set_state(f.get_tensor("rng"))
             return int(metadata["step"]), json.loads(metadata["history"])
-    except (OSError, RuntimeError, KeyError, json.JSONDecodeError) as error:  # safetensors' errors for broken files
+    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as error:
         raise InputError(path, f"not a readable training state ({error}); delete it to start the stage again") from None
 
 
@@ -589,7 +589,7 @@ def load_autoencoder(path):
             config = AutoencoderConfig.from_dict(json.loads((f.metadata() or {})["config"]))
             vae = AutoencoderKL(config)
             vae.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
+    except (OSError, SafetensorError, RuntimeError, KeyError, TypeError, ValueError) as error:
         raise InputError(path, f"not a readable autoencoder ({error}); delete it to train the stage again") from None
     return vae.eval()
 
@@ -771,12 +771,15 @@ def prepare(recipe, resolution):
             try:
                 with safe_open(path, framework="pt") as f:
                     complete = {"step", "info", "history"} <= set(f.metadata() or {})
-            except (OSError, RuntimeError) as error:  # safetensors' error for a file that is not one
+            except (OSError, SafetensorError) as error:
                 raise InputError(path, f"not a readable training state ({error}); delete it to start the stage "
                                        "again") from None
             if not complete:
                 raise InputError(path, "not a training state of this version (no step, settings or history in its "
                                        "metadata); delete it to start the stage again")
+    for name in ("autoencoder.safetensors", "autoencoder-decoder.safetensors"):  # finished stages: read them now
+        if os.path.exists(os.path.join(recipe.out_dir, name)):
+            load_autoencoder(os.path.join(recipe.out_dir, name))
     if recipe.init and is_whole_model(recipe.init.path):
         for flag, used in (("--base", recipe.base), ("--pixel", recipe.pixel), ("--denoiser", recipe.denoiser != "unet")):
             if used:

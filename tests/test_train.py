@@ -332,3 +332,16 @@ def test_train_command_takes_another_runs_model_file_as_init(tmp_path):
                  "--denoiser", "transformer", "--images", "8", "--steps", "1", "--batch-size", "2"]) == 0
     record = json.loads((out / "record.json").read_text())
     assert record["init"]["model"] == init and record["init"]["training"]["denoiser"] == "transformer"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keys():
+    torch.manual_seed(0)
+    unet = train.UNetModel(UNET)
+    checkpointed = copy.deepcopy(unet)
+    train.checkpoint_blocks(checkpointed)
+    assert checkpointed.state_dict().keys() == unet.state_dict().keys()
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.randn(2, 77, 32)
+    for module in (unet, checkpointed):
+        module(x, t, context).square().mean().backward()
+    for (name, a), b in zip(unet.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)

@@ -1,15 +1,22 @@
 """Training: the KL autoencoder, then the text encoder and denoiser with DDPM's Algorithm 1.
 
 Stage 1 (Rombach et al. 2022, section 3.1) fits the autoencoder with a reconstruction loss and a
-small KL pull of the latent posterior towards N(0, I). Stage 2 encodes the whole dataset once,
-sets the latent scale factor to 1 / std of the latents (LDM appendix G), and trains the denoiser and
+small KL pull of the latent posterior towards N(0, I). Stage 2 sets the latent scale factor to
+1 / std of the latents (LDM appendix G), and trains the denoiser and
 the text encoder jointly on L_simple (objective.py), replacing the caption by the empty prompt
 some of the time so classifier-free guidance has an unconditional model to contrast with.
 
-Runs are resumable: every `save_every` steps the weights, the EMA weights, the optimizer state and
-the random state are written to <out>/<stage>-state.safetensors (safetensors, never pickle), and a
-run started again with the same arguments continues from there. Under torchrun (WORLD_SIZE > 1)
-the modules are wrapped in DistributedDataParallel and each rank draws its own batches.
+Data comes as a torch Dataset of uint8 images with captions (core/datasets.py: a folder decoded
+lazily, or the procedural scenes), batched by a DataLoader; `--cache-latents` encodes it once through
+the frozen autoencoder into a memory-mapped file instead.
+
+Runs are resumable: every `save_every` steps the weights, the EMA weights, the optimizer state, the
+random state and the loss and held-out curves are written to <out>/<stage>-state.safetensors
+(safetensors, never pickle), and a run started again with the same arguments continues from there.
+Under torchrun (WORLD_SIZE > 1) the modules are wrapped in DistributedDataParallel, a
+DistributedSampler gives each rank its share of every global batch, every rank draws the global
+batch's random numbers and keeps its own rows (`Draws`), and only rank 0 prints and writes files:
+the same global batch trains the same model whatever the number of processes.
 """
 import copy
 import functools

@@ -345,3 +345,18 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keys():
         module(x, t, context).square().mean().backward()
     for (name, a), b in zip(unet.named_parameters(), checkpointed.parameters()):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+def test_train_help_gives_every_flag_a_help_line_and_its_default(capsys):
+    import re
+
+    from ldm_nodes.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    options = capsys.readouterr().out.split("options:")[1]
+    blocks = re.split(r"\n(?=  -)", options.strip("\n"))
+    flags = [re.match(r"\s*(-\S+)", b).group(1) for b in blocks]
+    assert {"--data", "--resolution", "--val", "--cache-latents", "--init", "--workers"} <= set(flags)
+    for block in blocks[1:]:  # after -h
+        assert "(default:" in block and len(" ".join(block.split()[2:])) > 20, block

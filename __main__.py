@@ -4,35 +4,150 @@ import sys
 from pathlib import Path
 
 
-HELD_OUT = 8  # scenes whose variational bound `train` reports at every save
+HELD_OUT = 8  # default --val: held-out images whose variational bound `train` reports at every save
+SCENE_BYTES = 3 * 64 * 64 + 200  # one procedural scene in memory: uint8 pixels and its caption
+
+# Every numeric flag of `train`: (smallest, largest) allowed value, checked before any work.
+TRAIN_RANGES = {
+    "--images": (1, None), "--data-seed": (0, 2**63 - 1), "--vae-steps": (1, 10**8), "--decoder-steps": (0, 10**8),
+    "--steps": (1, 10**8), "--batch-size": (1, 65536), "--vae-batch-size": (1, 65536), "--seed": (0, 2**53),
+    "--resolution": (32, 512), "--save-every": (1, 10**8), "--val": (0, 100000), "--workers": (0, 256),
+}
+POSITIVE = ("--lr", "--vae-lr")
+
+
+def _check_train_args(args):
+    """Refuse, naming the flag, every setting that cannot work, before anything is read or written."""
+    import math
+    import os
+
+    import torch
+
+    from .core.errors import InputError
+
+    for flag, (low, high) in TRAIN_RANGES.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < low or (high is not None and value > high):
+            raise InputError(flag, f"{value} is out of range ({low} to {high if high is not None else 'any'})")
+    for flag in POSITIVE:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not (math.isfinite(value) and 0 < value <= 1):
+            raise InputError(flag, f"{value} must be a finite learning rate in (0, 1]")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError("--out", f"{args.out} is a file, not a folder")
+    if any(parent.exists() and not parent.is_dir() for parent in out.absolute().parents):
+        raise InputError("--out", f"{args.out} lies under a file")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise InputError("--device", f"{args.device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise InputError("--device", f"{args.device}: this machine's torch has no such CUDA device")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("--device", "mps is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InputError("--device", f"{args.device}: training runs on cpu, cuda or mps")
+    if args.precision == "bf16" and device.type == "cpu":
+        raise InputError("--precision", "bf16 autocast is for GPUs; on the CPU train in fp32")
+    if args.cache_latents and args.pixel:
+        raise InputError("--cache-latents", "a pixel-space model (--pixel) has no latents to cache")
+    if args.data is None:
+        if 64 % args.resolution:
+            raise InputError("--resolution", f"{args.resolution}: the procedural scenes are 64 x 64, so 32 or 64 "
+                                             "(any other size needs --data)")
+        needed = (args.images + args.val) * SCENE_BYTES
+        available = _available_memory()
+        if available is not None and needed > available // 2:
+            raise InputError("--images", f"{args.images:,} scenes need about {needed / 2**30:,.1f} GiB in memory; "
+                                         f"this machine has {available / 2**30:,.1f} GiB available (use fewer, "
+                                         "or a folder with --data, which is read lazily)")
+
+
+def _available_memory():
+    """Bytes of memory available now, or None where the system does not say."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _train_model_ref(flag, name):
+    """A --base/--init model: its file, with its header read now so a broken one is refused by name."""
+    from .core.checkpoint import read_model_metadata
+    from .core.errors import InputError
+    from .core.train import ModelRef
+    from .model_paths import model_file
+
+    try:
+        path = model_file(name)
+        read_model_metadata(path)
+    except ValueError as error:
+        raise InputError(flag, str(error)) from None
+    return ModelRef(path, name)
+
+
+def _train_data(args, rank):
+    """(training set, held-out (images, captions) or None, what the record says about the data)."""
+    from .core.data import downsample, make_dataset
+    from .core.datasets import TensorImages, materialise, scan_folder, split_held_out
+
+    say = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
+    if args.data is None:
+        say(f"drawing {args.images} scenes (data seed {args.data_seed})")
+        images, captions = make_dataset(args.images, args.data_seed)
+        held_out = make_dataset(args.val, args.data_seed + 1) if args.val else None  # new renders for the bound
+        if args.resolution != images.shape[-1]:
+            images = downsample(images, args.resolution)
+            held_out = held_out and (downsample(held_out[0], args.resolution), held_out[1])
+        dataset = TensorImages(images, captions, {"data": "procedural scenes", "data_seed": args.data_seed})
+        return dataset, held_out, {"data_seed": args.data_seed}
+    scan = scan_folder(args.data, args.resolution, args.workers)
+    if scan.unreadable:
+        names = ", ".join(f"{name} ({why})" for name, why in scan.unreadable[:3])
+        say(f"skipping {len(scan.unreadable)} unreadable image(s): {names}{' ...' if len(scan.unreadable) > 3 else ''}")
+    if scan.uncaptioned:
+        say(f"{scan.uncaptioned} of {len(scan.dataset)} images have no caption (no .txt, no metadata.jsonl line): "
+            "they train on the empty prompt")
+    dataset, held = split_held_out(scan.dataset, args.val, args.data_seed)
+    if held is None and args.val:
+        say(f"{args.data}: one image, so no held-out split and no bound reported")
+    say(f"{len(dataset)} training images, {len(held) if held else 0} held out, at {args.resolution} x {args.resolution}")
+    record = {"skipped_images": len(scan.unreadable), "uncaptioned_images": scan.uncaptioned}
+    return dataset, (materialise(held), held.captions) if held else None, record
 
 
 def _train(args):
-    from .core.data import make_dataset, downsample
-    from .core.train import train_model
-    from .model_paths import model_file
+    from .core import train
 
-    models = {}
-    for option, name in (("base", args.base), ("init", args.init)):
-        try:
-            models[option] = (model_file(name), name) if name else None
-        except ValueError as error:
-            print(f"error: --{option}: {error}", file=sys.stderr)
-            return 1
-    print(f"drawing {args.images} scenes (data seed {args.data_seed})", file=sys.stderr)
-    images, captions = make_dataset(args.images, args.data_seed)
-    held_out, held_out_captions = make_dataset(HELD_OUT, args.data_seed + 1)  # new renders for the bound
-    if args.resolution != images.shape[-1]:
-        images, held_out = downsample(images, args.resolution), downsample(held_out, args.resolution)
     try:
-        path = train_model(args.out, images, captions, args.data_seed, args.vae_steps, args.steps, args.batch_size,
-                           args.vae_batch_size, args.lr, args.vae_lr, args.prediction, args.seed, args.device,
-                           args.save_every, decoder_steps=args.decoder_steps, denoiser=args.denoiser, pixel=args.pixel,
-                           base=models["base"], held_out=(held_out, held_out_captions), init=models["init"])
-    except ValueError as error:  # a model that does not fit, or a saved state of other settings
+        _check_train_args(args)
+        base = _train_model_ref("--base", args.base) if args.base else None
+        init = _train_model_ref("--init", args.init) if args.init else None
+        recipe = train.Recipe(
+            out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, vae_steps=args.vae_steps,
+            vae_batch_size=args.vae_batch_size, vae_lr=args.vae_lr, decoder_steps=args.decoder_steps,
+            prediction=args.prediction, seed=args.seed, device=train.process_device(args.device), save_every=args.save_every,
+            denoiser=args.denoiser, pixel=args.pixel, base=base, init=init, train_text=args.train_text_encoder,
+            flip=args.flip, cache_latents=args.cache_latents, workers=args.workers, precision=args.precision,
+            gradient_checkpointing=args.gradient_checkpointing)
+        parts = train.prepare(recipe, args.resolution)
+        rank = train.distributed()[0]
+        dataset, held_out, data_record = _train_data(args, rank)
+        path = train.train_model(recipe, dataset, held_out, data_record, parts)
+    except ValueError as error:  # InputError and CheckpointError: the user's input, named
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(path)
+    if rank == 0:
+        print(path)
     return 0
 
 
@@ -45,7 +160,7 @@ def _run(args):
         missing = [d for d in args.models_dir if not Path(d).is_dir()]
         if missing:
             raise runner.WorkflowError(f"--models-dir {missing[0]}: no such folder")
-        set_model_dirs(args.models_dir)
+        set_model_dirs(args.models_dir, file_paths=True)  # ckpt_name may be a file's path, e.g. a run's model
         prompt = runner.apply_overrides(runner.load_workflow(args.workflow), args.set)
         paths = runner.run(prompt, out_dir=args.out, input_dir=args.input_dir)
     except runner.WorkflowError as error:
@@ -131,22 +246,38 @@ def _read_rgb(path):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m ldm_nodes", description=__doc__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train = commands.add_parser("train", help="train the tiny text-to-image model on the procedural shapes dataset",
-                                description="Train the autoencoder, then the text encoder and UNet (DDPM Algorithm 1). "
-                                            "Run the same command again to resume.")
+    train = commands.add_parser(
+        "train", help="train a text-to-image model on your own images (--data) or the procedural shapes",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train the autoencoder, then the text encoder and denoiser (DDPM Algorithm 1), on a folder of "
+                    "images (--data) or on procedural shapes; or fine-tune a Stable Diffusion 1.x file (--init). "
+                    "Run the same command again to resume. Under torchrun every process trains on its share of "
+                    "each batch (the global batch is --batch-size x the number of processes).")
     train.add_argument("--out", required=True, help="folder for states and results; rerun to resume")
-    train.add_argument("--images", type=int, default=30000, help="number of procedural scenes")
-    train.add_argument("--data-seed", type=int, default=0)
-    train.add_argument("--vae-steps", type=int, default=1500)
+    train.add_argument("--data", metavar="FOLDER", help="train on the png/jpg/webp images of FOLDER, captioned by a "
+                       "same-name .txt or a metadata.jsonl (file_name, text); none: the procedural shapes")
+    train.add_argument("--resolution", type=int, default=64, help="image size: each image is resized on its short "
+                       "side and center-cropped to it (32..512, a multiple of the model's downsampling); the "
+                       "procedural scenes take 32 or 64")
+    train.add_argument("--flip", action="store_true", help="mirror each training image left-right half the time")
+    train.add_argument("--val", type=int, default=HELD_OUT, help="held-out images (a fixed split of --data, or new "
+                       "procedural renders) whose variational bound is reported at every save; 0: none")
+    train.add_argument("--images", type=int, default=30000, help="number of procedural scenes (without --data)")
+    train.add_argument("--data-seed", type=int, default=0, help="seed of the procedural scenes, or of the held-out split")
+    train.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding images")
+    train.add_argument("--cache-latents", action="store_true", help="encode every image once with the frozen "
+                       "autoencoder into <out>/latents-*.npy (memory-mapped) instead of at every step")
+    train.add_argument("--vae-steps", type=int, default=1500, help="autoencoder steps (stage 1)")
     train.add_argument("--decoder-steps", type=int, default=0,
                        help="then fine-tune the decoder alone (frozen encoder, so latents do not change)")
     train.add_argument("--steps", type=int, default=6000, help="denoiser steps")
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--vae-batch-size", type=int, default=16)
+    train.add_argument("--batch-size", type=int, default=64, help="denoiser batch per process")
+    train.add_argument("--vae-batch-size", type=int, default=16, help="autoencoder batch per process")
     train.add_argument("--lr", type=float, default=2e-4, help="denoiser learning rate")
     train.add_argument("--vae-lr", type=float, default=1e-3, help="autoencoder learning rate")
-    train.add_argument("--prediction", choices=["eps", "v"], default="eps")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--prediction", choices=["eps", "v"], default=None,
+                       help="what the denoiser predicts (default: eps, or the --init model's own)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and noise")
     train.add_argument("--denoiser", choices=["unet", "transformer"], default="unet",
                        help="denoiser family: the SD-style UNet or a PixArt-style transformer")
     train.add_argument("--pixel", action="store_true",
@@ -155,12 +286,19 @@ def main(argv=None):
                        help="reuse this model's text encoder (frozen) and, unless --pixel, its autoencoder; "
                             "with a builtin/ model the result holds only the new parts")
     train.add_argument("--init", metavar="MODEL",
-                       help="start the denoiser from this trained model's weights instead of random ones "
-                            "(fine-tuning, or more steps for a finished model); the steps count from 0")
-    train.add_argument("--resolution", type=int, choices=[32, 64], default=64,
-                       help="scene size; 32 box-downsamples the 64x64 scenes")
-    train.add_argument("--device", default="cpu")
-    train.add_argument("--save-every", type=int, default=250)
+                       help="start the denoiser from this trained model's weights (the steps count from 0); a Stable "
+                            "Diffusion 1.x file is fine-tuned whole: its UNet trained, its autoencoder frozen, the "
+                            "result saved in the same SD1.x layout")
+    train.add_argument("--train-text-encoder", action="store_true",
+                       help="with an SD1.x --init: train its text encoder too (else it stays frozen)")
+    train.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16: forward passes under bf16 autocast on a GPU (weights and optimizer stay fp32)")
+    train.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute each denoiser block's activations in the backward pass: less memory, more time")
+    train.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (under torchrun: "
+                       "cuda picks the process's LOCAL_RANK)")
+    train.add_argument("--save-every", type=int, default=250,
+                       help="steps between saved states (and held-out bounds, and plot redraws)")
     run = commands.add_parser("run", help="run an API-format workflow (workflows/api/*.json) without ComfyUI",
                               description="Validate the whole workflow, then run what its SaveImage/PreviewImage "
                                           "nodes need. Prints the written image files, one per line.")

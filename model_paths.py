@@ -16,6 +16,7 @@ DEFAULT_MODEL = "tiny-shapes.safetensors"
 FOLDER_KINDS = ("ldm", "checkpoints")
 
 _model_dirs = []
+_file_paths = []  # [True] once the command line allows a model file's own path as a name
 
 
 def _folder_paths():
@@ -37,9 +38,12 @@ def register_comfy_folders():
     fp.folder_names_and_paths["ldm"] = ([*dirs, default] if default not in dirs else dirs, {EXTENSION})
 
 
-def set_model_dirs(dirs):
-    """The folders searched outside ComfyUI (the CLI's --models-dir)."""
+def set_model_dirs(dirs, file_paths=False):
+    """The folders searched outside ComfyUI (the CLI's --models-dir). file_paths: a name may also be
+    the path of a .safetensors file anywhere (`run`'s ckpt_name, e.g. a training run's model.safetensors);
+    the nodes inside ComfyUI and the HTTP routes never allow that."""
     _model_dirs[:] = [Path(d).resolve() for d in dirs]
+    _file_paths[:] = [True] if file_paths else []
 
 
 def builtin_models():
@@ -65,11 +69,21 @@ def list_models():
 
 
 def resolve_model(name):
-    """The file behind a listed name; ValueError naming `ckpt_name` for anything else."""
+    """The file behind a listed name (or, when set_model_dirs allowed it outside ComfyUI, a file's own
+    path); ValueError naming `ckpt_name` for anything else."""
     if not isinstance(name, str) or not name:
         raise ValueError("ckpt_name: empty model name")
     if not name.endswith(EXTENSION):
         raise ValueError(f"ckpt_name: {name!r} is not a {EXTENSION} file (pickled .ckpt/.pt files are refused)")
+    try:
+        return _resolve_listed(name)
+    except ValueError:
+        if _file_paths and _folder_paths() is None and not name.startswith(BUILTIN_PREFIX) and Path(name).is_file():
+            return Path(name).resolve()
+        raise
+
+
+def _resolve_listed(name):
     if name.startswith(BUILTIN_PREFIX):
         roots, rel = [BUILTIN_DIR], name[len(BUILTIN_PREFIX):]
     else:

@@ -48,13 +48,14 @@ def training_target(x0, eps, alpha_bar, prediction):
     return ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
 
-def l_simple(network, x0, schedule, prediction="eps", context=None, generator=None):
+def l_simple(network, x0, schedule, prediction="eps", context=None, generator=None, t=None, eps=None):
     """Algorithm 1 / eq. 14: t ~ Uniform({1..T}), eps ~ N(0, I),
     loss = || target - network(x_t, t) ||^2, averaged over the batch and the dimensions.
-    Randomness comes from the CPU `generator`, then moves to x0's device."""
+    Randomness comes from the CPU `generator`, then moves to x0's device; t [B] and eps, when given,
+    are used instead (the trainer draws them for a whole global batch, see train.Draws)."""
     b = x0.shape[0]
-    t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator) if t is None else t
+    eps = (torch.randn(x0.shape, generator=generator) if eps is None else eps).to(x0.device, x0.dtype)
     alpha_bar = schedule.alpha_bar[t].to(x0.device)
     x_t = q_sample(x0, alpha_bar, eps)
     out = network(x_t, t.to(x0.device, torch.float32), context)

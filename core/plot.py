@@ -80,3 +80,46 @@ def plot_bound(bound):
     draw.text(((x0 + x1) / 2, HEIGHT - 14), "timestep t", fill=AXIS_COLOR, font=font, anchor="mm")
     draw.text((x0, y0 - 14), f"term per timestep [{unit}], log scale", fill=AXIS_COLOR, font=font)
     return image
+
+
+LOSS_COLOR = (40, 90, 200)
+
+
+def plot_training(history):
+    """A run's curves as an RGB PIL image: the smoothed training loss (log scale) on top and, when the
+    run has a held-out split, its variational bound below, both against the step. history: the
+    trainer's {"loss": [[step, loss], ...], "held_out_bound": [[step, bound, standard error], ...], "unit"}."""
+    panels = [("training loss (smoothed), log scale", history.get("loss", []), True, LOSS_COLOR)]
+    if history.get("held_out_bound"):
+        panels.append((f"held-out bound [{history.get('unit', '')}]", history["held_out_bound"], False, DECODER_COLOR))
+    image = Image.new("RGB", (WIDTH, HEIGHT * len(panels)), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    last_step = max([row[0] for _, rows, _, _ in panels for row in rows] + [1])
+    for k, (title, rows, log, color) in enumerate(panels):
+        x0, x1, y0, y1 = LEFT, WIDTH - RIGHT, HEIGHT * k + TOP, HEIGHT * (k + 1) - BOTTOM
+        values = [math.log10(v) if log else v for _, v, *_ in rows if not log or v > 0]
+        low, high = (min(values), max(values)) if values else (0.0, 1.0)
+        high = high if high > low else low + 1.0
+
+        def px(step, value):
+            v = math.log10(value) if log else value
+            return x0 + (x1 - x0) * step / last_step, y1 - (y1 - y0) * (v - low) / (high - low)
+
+        draw.rectangle([x0, y0, x1, y1], outline=AXIS_COLOR)
+        for frac in (0, 0.5, 1):
+            v = low + (high - low) * frac
+            y = y1 - (y1 - y0) * frac
+            draw.line([(x0, y), (x1, y)], fill=GRID_COLOR)
+            draw.text((x0 - 6, y), f"{10 ** v:.3g}" if log else f"{v:.4g}", fill=AXIS_COLOR, font=font, anchor="rm")
+        for frac in (0, 0.5, 1):
+            x = x0 + (x1 - x0) * frac
+            draw.text((x, y1 + 6), f"{last_step * frac:.0f}", fill=AXIS_COLOR, font=font, anchor="mt")
+        points = [px(step, value) for step, value, *_ in rows if not log or value > 0]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for x, y in points:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        latest = f": {rows[-1][1]:.4g} at step {rows[-1][0]}" if rows else ""
+        draw.text((x0, y0 - 20), title + latest, fill=AXIS_COLOR, font=font)
+        draw.text(((x0 + x1) / 2, y1 + 22), "step", fill=AXIS_COLOR, font=font, anchor="mm")
+    return image

@@ -1,17 +1,26 @@
 """Training: the KL autoencoder, then the text encoder and denoiser with DDPM's Algorithm 1.
 
 Stage 1 (Rombach et al. 2022, section 3.1) fits the autoencoder with a reconstruction loss and a
-small KL pull of the latent posterior towards N(0, I). Stage 2 encodes the whole dataset once,
-sets the latent scale factor to 1 / std of the latents (LDM appendix G), and trains the denoiser and
+small KL pull of the latent posterior towards N(0, I). Stage 2 sets the latent scale factor to
+1 / std of the latents (LDM appendix G), and trains the denoiser and
 the text encoder jointly on L_simple (objective.py), replacing the caption by the empty prompt
 some of the time so classifier-free guidance has an unconditional model to contrast with.
 
-Runs are resumable: every `save_every` steps the weights, the EMA weights, the optimizer state and
-the random state are written to <out>/<stage>-state.safetensors (safetensors, never pickle), and a
-run started again with the same arguments continues from there. Under torchrun (WORLD_SIZE > 1)
-the modules are wrapped in DistributedDataParallel and each rank draws its own batches.
+Data comes as a torch Dataset of uint8 images with captions (core/datasets.py: a folder decoded
+lazily, or the procedural scenes), batched by a DataLoader; `--cache-latents` encodes it once through
+the frozen autoencoder into a memory-mapped file instead.
+
+Runs are resumable: every `save_every` steps the weights, the EMA weights, the optimizer state, the
+random state and the loss and held-out curves are written to <out>/<stage>-state.safetensors
+(safetensors, never pickle), and a run started again with the same arguments continues from there.
+Under torchrun (WORLD_SIZE > 1) the modules are wrapped in DistributedDataParallel, a
+DistributedSampler gives each rank its share of every global batch, every rank draws the global
+batch's random numbers and keeps its own rows (`Draws`), and only rank 0 prints and writes files:
+the same global batch trains the same model whatever the number of processes.
 """
 import copy
+import functools
+import hashlib
 import json
 import math
 import os
@@ -19,14 +28,17 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder
+from .errors import InputError
 from .checkpoint import BUILTIN_PREFIX, load_checkpoint, read_model_metadata, save_checkpoint
 from .likelihood import variational_bound
+from .plot import plot_training
 from .objective import l_simple
 from .progress import TextProgress
 from .schedule import TrainingSchedule
@@ -35,9 +47,10 @@ from .transformer import TransformerConfig, TransformerModel
 from .unet import UNetConfig, UNetModel
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunOptions:
-    """What every stage shares: where to write, how long, how fast, how often to report."""
+    """What every stage shares: where to write, how long, how fast, how often to report.
+    batch_size is per process; under torchrun the global batch is batch_size x world size."""
 
     out_dir: str
     steps: int
@@ -48,6 +61,9 @@ class RunOptions:
     device: str = "cpu"
     save_every: int = 500
     log_every: int = 20
+    workers: int = 0  # DataLoader worker processes decoding images
+    flip: bool = False  # mirror each training image left-right with probability 1/2
+    precision: str = "fp32"  # "bf16": the forward pass under bf16 autocast (weights and optimizer stay fp32)
 
 
 # --- bookkeeping ------------------------------------------------------------------------------
@@ -89,8 +105,9 @@ class Progress:
             self.line.close()
 
 
-def save_state(path, modules, optimizer, ema, step, generator, info):
-    """Everything a run needs to continue, in one safetensors file (no pickle)."""
+def save_state(path, modules, optimizer, ema, step, generator, info, history):
+    """Everything a run needs to continue, in one safetensors file (no pickle); `history` (the loss and
+    held-out curves so far) travels in the metadata so a resumed run keeps its curves."""
     tensors = {}
     for name, module in modules.items():
         tensors.update({f"model.{name}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
@@ -101,32 +118,40 @@ def save_state(path, modules, optimizer, ema, step, generator, info):
             tensors[f"optim.{i}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
     tensors["rng"] = generator.get_state()
     tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata={"step": str(step), "info": json.dumps(info)})
+    save_file(tensors, tmp, metadata={"step": str(step), "info": json.dumps(info), "history": json.dumps(history)})
     os.replace(tmp, path)  # a crash mid-write never leaves a broken state behind
 
 
 def load_state(path, modules, optimizer, ema, generator, info):
-    """Restore what save_state wrote; returns the step to continue from. Refuses a state written
-    by a run with other settings (the number of steps may grow: that extends a run)."""
-    with safe_open(path, framework="pt") as f:
-        saved, info = json.loads(f.metadata()["info"]), json.loads(json.dumps(info))
-        if saved != info:
-            changed = sorted(k for k in set(saved) | set(info) if saved.get(k) != info.get(k))
-            raise ValueError(f"{path} was written by a run with other settings ({', '.join(changed)}); "
-                             "use another --out folder or the same settings")
-        keys = set(f.keys())
-        for name, module in modules.items():
-            prefix = f"model.{name}."
-            module.load_state_dict({k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)})
-        for k in ema.shadow:
-            ema.shadow[k] = f.get_tensor(f"ema.{k}")
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        for i, p in enumerate(params):
-            state = {k.split(".", 2)[2]: f.get_tensor(k).to(p.device) for k in keys if k.startswith(f"optim.{i}.")}
-            if state:
-                optimizer.state[p] = state
-        generator.set_state(f.get_tensor("rng"))
-        return int(f.metadata()["step"])
+    """Restore what save_state wrote; returns (the step to continue from, the history). Refuses a state
+    written by a run with other settings (the number of steps may grow: that extends a run), and a file
+    that is not a complete state, naming it."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if not {"step", "info", "history"} <= set(metadata):
+                raise InputError(path, "not a training state of this version (no step, settings or history in "
+                                       "its metadata); delete it to start the stage again")
+            saved, info = json.loads(metadata["info"]), json.loads(json.dumps(info))
+            if saved != info:
+                changed = sorted(k for k in set(saved) | set(info) if saved.get(k) != info.get(k))
+                raise InputError(path, f"written by a run with other settings ({', '.join(changed)}); "
+                                       "use another --out folder or the same settings")
+            keys = set(f.keys())
+            for name, module in modules.items():
+                prefix = f"model.{name}."
+                module.load_state_dict({k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)})
+            for k in ema.shadow:
+                ema.shadow[k] = f.get_tensor(f"ema.{k}")
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            for i, p in enumerate(params):
+                state = {k.split(".", 2)[2]: f.get_tensor(k).to(p.device) for k in keys if k.startswith(f"optim.{i}.")}
+                if state:
+                    optimizer.state[p] = state
+            generator.set_state(f.get_tensor("rng"))
+            return int(metadata["step"]), json.loads(metadata["history"])
+    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as error:
+        raise InputError(path, f"not a readable training state ({error}); delete it to start the stage again") from None
 
 
 def learning_rate(opts, step):
@@ -137,12 +162,26 @@ def learning_rate(opts, step):
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _distributed():
-    """(rank, world size), initialising the process group when launched by torchrun."""
+def distributed():
+    """(rank, world size), initialising the process group when launched by torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
+def process_device(device):
+    """Under torchrun, "cuda" means this process's own GPU (LOCAL_RANK): one GPU per process."""
+    if device == "cuda" and distributed()[1] > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(device))
+    return device
+
+
+def _barrier():
+    """Wait until rank 0 has written what the other ranks read next (no-op in one process)."""
+    if distributed()[1] > 1:
+        torch.distributed.barrier()
 
 
 def _wrap(module, device, world):
@@ -152,28 +191,88 @@ def _wrap(module, device, world):
     return module
 
 
-def _train_loop(label, opts, modules, loss_fn, info, ema_decay, on_save=None):
-    """The shared loop: AdamW on `learning_rate`, EMA, progress, periodic resumable state;
-    on_save(step) runs after each save (rank 0)."""
-    rank, world = _distributed()
+class Draws:
+    """The random numbers of one training step. Every rank draws those of the whole global batch from one
+    shared generator and keeps its own rows (rank, rank + world, ...): the positions, in the global batch,
+    of the samples the DistributedSampler gives it. So a run's numbers do not depend on how many
+    processes share the batch, and the generator's state is the same on every rank."""
+
+    def __init__(self, generator, rank, world):
+        self.generator, self.rank, self.world = generator, rank, world
+
+    def _rows(self, x):
+        return x[self.rank::self.world]
+
+    def randn(self, shape):
+        return self._rows(torch.randn((shape[0] * self.world, *shape[1:]), generator=self.generator))
+
+    def rand(self, n):
+        return self._rows(torch.rand(n * self.world, generator=self.generator))
+
+    def randint(self, high, n):
+        return self._rows(torch.randint(0, high, (n * self.world,), generator=self.generator))
+
+
+class _Repeat(torch.utils.data.Dataset):
+    """A dataset seen `times` times per epoch, so an epoch holds at least one global batch."""
+
+    def __init__(self, dataset, times):
+        self.dataset, self.times = dataset, times
+
+    def __len__(self):
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, i):
+        return self.dataset[i % len(self.dataset)]
+
+
+def _batches(dataset, opts, rank, world, step):
+    """This rank's batches from `step` on. Epoch e is DistributedSampler's permutation for (seed, e),
+    split across the ranks; a batch is batch_size of this rank's share, in order, so global batch k of
+    an epoch is elements k*G..(k+1)*G-1 of the permutation (G = batch_size x world) whatever the world
+    size, and a resumed run skips exactly the batches it had already used."""
+    global_batch = opts.batch_size * world
+    data = _Repeat(dataset, math.ceil(global_batch / len(dataset)))
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=opts.seed, drop_last=True)
+    per_epoch = len(sampler) // opts.batch_size
+    epoch, skip = divmod(step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        indices = list(sampler)[skip * opts.batch_size:per_epoch * opts.batch_size]
+        yield from torch.utils.data.DataLoader(torch.utils.data.Subset(data, indices), batch_size=opts.batch_size,
+                                               num_workers=opts.workers, pin_memory=opts.device.startswith("cuda"))
+        epoch, skip = epoch + 1, 0
+
+
+def _train_loop(label, opts, modules, loss_fn, dataset, info, ema_decay, on_save=None):
+    """The shared loop: AdamW on `learning_rate`, EMA, progress, periodic resumable state.
+    loss_fn(wrapped modules, batch, draws) -> loss, on this rank's share of the global batch.
+    on_save(step, history) runs after each save, on rank 0, which alone writes files and prints.
+    Returns the EMA and the history {"loss": [[step, smoothed loss], ...], ...}."""
+    rank, world = distributed()
     device = torch.device(opts.device)
-    params = [p for m in modules.values() for p in m.parameters()]
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     ema_target = torch.nn.ModuleDict(modules)
     ema = EMA(ema_target, ema_decay)
-    generator = torch.Generator("cpu").manual_seed(opts.seed * 1000 + rank)
+    generator = torch.Generator("cpu").manual_seed(opts.seed * 1000)
     state_path = os.path.join(opts.out_dir, f"{label}-state.safetensors")
-    step = 0
+    step, history = 0, {"loss": []}
     if os.path.exists(state_path):
-        step = load_state(state_path, modules, optimizer, ema, generator, info)
+        step, history = load_state(state_path, modules, optimizer, ema, generator, info)
         if rank == 0:
             print(f"{label}: resuming at step {step} from {state_path}", file=sys.stderr)
     wrapped = {name: _wrap(m, device, world) for name, m in modules.items()}
     progress = Progress(label, opts.steps, opts.batch_size * world, step, opts.log_every)
+    draws = Draws(generator, rank, world)
+    batches = _batches(dataset, opts, rank, world, step)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16")
     while step < opts.steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(opts, step)
-        loss = loss_fn(wrapped, generator)
+        with autocast:
+            loss = loss_fn(wrapped, next(batches), draws)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -184,48 +283,71 @@ def _train_loop(label, opts, modules, loss_fn, info, ema_decay, on_save=None):
             raise FloatingPointError(f"{label}: the loss became {loss.item()} at step {step}; lower --lr")
         if rank == 0:
             progress.update(step, loss.item())
+            if step % opts.log_every == 0 or step == opts.steps:
+                history["loss"].append([step, progress.loss])
             if step % opts.save_every == 0 or step == opts.steps:
-                save_state(state_path, modules, optimizer, ema, step, generator, info)
                 if on_save:
-                    on_save(step)
-    return ema, progress.loss
+                    on_save(step, history)
+                save_state(state_path, modules, optimizer, ema, step, generator, info, history)
+    return ema, history
+
+
+def _flip(x, draws, opts):
+    """x mirrored left-right where a fair coin says so (--flip), else x."""
+    if not opts.flip:
+        return x
+    return torch.where((draws.rand(len(x)) < 0.5).to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
 # --- stage 1: the autoencoder ----------------------------------------------------------------
 
 class Reconstruction(torch.nn.Module):
-    """x -> (x_hat, KL) through the autoencoder: a forward() for DistributedDataParallel to wrap."""
+    """x -> (x_hat, KL) through the autoencoder: a forward() for DistributedDataParallel to wrap.
+    noise: the standard normal draws of z = mean + std * noise."""
 
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x, generator):
+    def forward(self, x, noise):
         posterior = self.vae.encode(x)
-        return self.vae.decode(posterior.sample(generator)), posterior.kl()
+        return self.vae.decode(posterior.mean + posterior.std * noise.to(x.device, x.dtype)), posterior.kl()
 
 
-def train_autoencoder(opts, config, images, kl_weight=1e-6, ema_decay=0.999):
-    """Fit the KL autoencoder on uint8 images [N, 3, H, W]: L1 + L2 reconstruction of x in [-1, 1]
-    plus kl_weight * KL(q(z|x) || N(0, I)) per pixel. Returns the EMA autoencoder and its last loss."""
+def _pixels(batch, device):
+    """uint8 images [B, 3, R, R] of a DataLoader batch -> float in [-1, 1] on the device."""
+    return batch[0].to(device).float() / 127.5 - 1
+
+
+def _latent_shape(config, resolution):
+    return (config.embed_dim, resolution // config.f, resolution // config.f)
+
+
+def train_autoencoder(opts, config, dataset, kl_weight=1e-6, ema_decay=0.999):
+    """Fit the KL autoencoder on a dataset of uint8 images [3, R, R]: L1 + L2 reconstruction of x in
+    [-1, 1] plus kl_weight * KL(q(z|x) || N(0, I)) per pixel. Returns the EMA autoencoder and its last loss."""
     os.makedirs(opts.out_dir, exist_ok=True)
     torch.manual_seed(opts.seed)
     device = torch.device(opts.device)
     vae = AutoencoderKL(config).to(device)
-    images = images.to(device)
+    latent = _latent_shape(config, dataset.resolution)
 
-    def loss_fn(modules, generator):
-        idx = torch.randint(0, len(images), (opts.batch_size,), generator=generator)
-        x = images[idx.to(device)].float() / 127.5 - 1
-        x_hat, kl = modules["reconstruction"](x, generator)
+    def loss_fn(modules, batch, draws):
+        x = _flip(_pixels(batch, device), draws, opts)
+        x_hat, kl = modules["reconstruction"](x, draws.randn((len(x), *latent)))
         return F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x) + kl_weight * kl.mean() / x[0].numel()
 
     info = {"stage": "autoencoder", "config": config.to_dict(), "batch_size": opts.batch_size,
-            "lr": opts.lr, "seed": opts.seed, "kl_weight": kl_weight, "images": len(images)}
+            "world_size": distributed()[1], "lr": opts.lr, "seed": opts.seed, "kl_weight": kl_weight,
+            "data": dataset.describe, "images": len(dataset), "resolution": dataset.resolution, "flip": opts.flip}
     modules = {"reconstruction": Reconstruction(vae)}
-    ema, loss = _train_loop("autoencoder", opts, modules, loss_fn, info, ema_decay)
+    ema, history = _train_loop("autoencoder", opts, modules, loss_fn, dataset, info, ema_decay)
     ema.copy_to(torch.nn.ModuleDict(modules))
-    return vae.eval(), loss
+    return vae.eval(), _last(history)
+
+
+def _last(history):
+    return history["loss"][-1][1] if history["loss"] else None
 
 
 class Decoding(torch.nn.Module):
@@ -239,7 +361,7 @@ class Decoding(torch.nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
-def finetune_decoder(opts, vae, images, ema_decay=0.999):
+def finetune_decoder(opts, vae, dataset, ema_decay=0.999):
     """Stage 1b: train the decoder alone on latents of the frozen encoder, with the same L1 + L2
     reconstruction loss (as Stable Diffusion's ft-EMA/ft-MSE decoders were). The encoder, hence every
     latent and the scale factor, stays exactly as it was: a denoiser trained on it stays valid, so
@@ -248,30 +370,34 @@ def finetune_decoder(opts, vae, images, ema_decay=0.999):
     torch.manual_seed(opts.seed)
     device = torch.device(opts.device)
     vae = vae.to(device)
-    mean, std = encode_dataset(vae, images, device)
-    mean, std, images = mean.to(device), std.to(device), images.to(device)
+    encoder = [vae.encoder, vae.quant_conv]
+    for module in encoder:
+        module.requires_grad_(False)
 
-    def loss_fn(modules, generator):
-        idx = torch.randint(0, len(images), (opts.batch_size,), generator=generator).to(device)
-        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator).to(device)
-        x = images[idx].float() / 127.5 - 1
+    def loss_fn(modules, batch, draws):
+        x = _flip(_pixels(batch, device), draws, opts)
+        with torch.no_grad():
+            posterior = vae.encode(x)
+        z = posterior.mean + posterior.std * draws.randn(posterior.mean.shape).to(device)
         x_hat = modules["decoding"](z)
         return F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x)
 
-    encoder_digest = float(sum(p.detach().double().sum() for p in vae.encoder.parameters()))
-    info = {"stage": "decoder", "config": vae.config.to_dict(), "batch_size": opts.batch_size, "lr": opts.lr,
-            "seed": opts.seed, "images": len(images), "encoder_digest": encoder_digest}
+    encoder_digest = float(sum(p.detach().double().sum() for m in encoder for p in m.parameters()))
+    info = {"stage": "decoder", "config": vae.config.to_dict(), "batch_size": opts.batch_size,
+            "world_size": distributed()[1], "lr": opts.lr, "seed": opts.seed, "data": dataset.describe,
+            "images": len(dataset), "resolution": dataset.resolution, "flip": opts.flip,
+            "encoder_digest": encoder_digest}
     decoding = Decoding(vae)
-    ema, loss = _train_loop("decoder", opts, {"decoding": decoding}, loss_fn, info, ema_decay)
+    ema, history = _train_loop("decoder", opts, {"decoding": decoding}, loss_fn, dataset, info, ema_decay)
     ema.copy_to(torch.nn.ModuleDict({"decoding": decoding}))
-    return vae.eval(), loss
+    return vae.eval(), _last(history)
 
 
 # --- stage 2: text encoder and denoiser -------------------------------------------------------
 
 @torch.no_grad()
 def encode_dataset(vae, images, device, batch_size=256):
-    """Posterior mean and std of every image's latent (unscaled), computed once."""
+    """Posterior mean and std of the latents (unscaled) of uint8 images [N, 3, R, R]."""
     means, stds = [], []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device).float() / 127.5 - 1
@@ -279,6 +405,48 @@ def encode_dataset(vae, images, device, batch_size=256):
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
     return torch.cat(means), torch.cat(stds)
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """The posterior mean and std of every image's latent (and of its mirror image with `flip`), computed
+    once by the frozen autoencoder into a .npy file in the run folder and read back memory-mapped, so
+    memory stays flat however many images there are. Items: (float [F, 2, C, h, w], index), F = 2
+    orientations with flip (mirrored second) else 1, then mean and std."""
+
+    def __init__(self, path):
+        self.path, self._array = path, None
+        self._length = np.load(path, mmap_mode="r").shape[0]
+
+    def __len__(self):
+        return self._length
+
+    def __getitem__(self, i):
+        if self._array is None:  # opened in each DataLoader worker, never pickled
+            self._array = np.load(self.path, mmap_mode="r")
+        return torch.from_numpy(np.array(self._array[i])), i
+
+    @staticmethod
+    @torch.no_grad()
+    def build(path, vae, dataset, opts):
+        """Encode `dataset` into `path` (rank 0 writes, the others wait), unless an earlier run did."""
+        if distributed()[0] == 0 and not os.path.exists(path):
+            device = torch.device(opts.device)
+            orientations = 2 if opts.flip else 1
+            shape = (len(dataset), orientations, 2, *_latent_shape(vae.config, dataset.resolution))
+            tmp = f"{path}.tmp.npy"
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=opts.workers)
+            for images, index in loader:
+                x = images.to(device).float() / 127.5 - 1
+                for k, view in enumerate((x, x.flip(-1))[:orientations]):
+                    posterior = vae.encode(view)
+                    array[index.numpy(), k, 0] = posterior.mean.cpu().numpy()
+                    array[index.numpy(), k, 1] = posterior.std.cpu().numpy()
+            array.flush()
+            del array
+            os.replace(tmp, path)
+        _barrier()
+        return LatentCache(path)
 
 
 def caption_ids(captions, tokenizer=None):
@@ -303,58 +471,104 @@ def latent_scale(vae, mean, std, seed):
     return round(1.0 / float((mean + std * noise).std()), 5)
 
 
-def train_denoiser(opts, vae, network, text, images, captions, schedule, prediction="eps",
-                   p_uncond=0.1, ema_decay=0.9995, train_text=True, fit_scale=True, held_out=None, init=None):
+SCALE_SAMPLE = 512  # images whose latents set the scale factor
+
+
+def train_denoiser(opts, vae, network, text, dataset, schedule, prediction="eps", p_uncond=0.1, ema_decay=0.9995,
+                   train_text=True, fit_scale=True, held_out=None, init=None, cache_latents=False):
     """Algorithm 1 on latents z = scale * (mean + std * n) of the frozen autoencoder (z = x in pixel
     space), for either denoiser family; the text encoder is trained jointly unless train_text is False
-    (a shared, frozen one). A caption is replaced by the empty prompt with probability p_uncond.
-    fit_scale: set the autoencoder's scale factor from these latents; False keeps a shared one's.
-    held_out: (images, captions) scored by the variational bound (`held_out_bound`) at every save.
+    (a shared or frozen one). A caption is replaced by the empty prompt with probability p_uncond.
+    dataset: uint8 images [3, R, R] with their `captions`; cache_latents: encode them once into
+    <out>/latents-*.npy (`LatentCache`) instead of at every step.
+    fit_scale: set the autoencoder's scale factor from the latents of up to SCALE_SAMPLE images; False
+    keeps a shared one's. held_out: (uint8 images, captions) scored by the variational bound
+    (`held_out_bound`) at every save, kept in the history and drawn with the loss in <out>/training.png.
     init: the name of the trained model the network starts from, if any (a resume with another is refused).
-    Returns (network, text encoder, vae with its scale factor set), with EMA weights, and the last loss."""
+    Returns (network, text encoder, vae with its scale factor set), with EMA weights, and the history."""
     os.makedirs(opts.out_dir, exist_ok=True)
     torch.manual_seed(opts.seed)
     device = torch.device(opts.device)
-    mean, std = encode_dataset(vae, images, device)
     if fit_scale:
-        vae.config.scale_factor = latent_scale(vae, mean, std, opts.seed)
+        sample = torch.stack([dataset[i][0] for i in range(min(len(dataset), SCALE_SAMPLE))])
+        vae.config.scale_factor = latent_scale(vae, *encode_dataset(vae, sample, device), opts.seed)
     scale = vae.config.scale_factor
-    mean, std = mean.to(device), std.to(device)
-    ids, empty_ids = caption_ids(captions)
-    ids, empty_ids = ids.to(device), empty_ids.to(device)
+    ids, empty_ids = caption_ids(dataset.captions)
+    empty_ids = empty_ids.to(device)
     network, text = network.to(device), text.to(device).requires_grad_(train_text)
-
-    def loss_fn(modules, generator):
-        idx = torch.randint(0, len(mean), (opts.batch_size,), generator=generator).to(device)
-        noise = torch.randn(mean[idx].shape, generator=generator).to(device)
-        z0 = scale * (mean[idx] + std[idx] * noise)
-        drop = (torch.rand(opts.batch_size, generator=generator) < p_uncond).to(device)
-        tokens = torch.where(drop[:, None], empty_ids[None], ids[idx])
-        with torch.set_grad_enabled(train_text):
-            context = (modules["text"] if train_text else text)(tokens)
-        return l_simple(modules["network"], z0, schedule, prediction, context, generator)
-
-    family = type(network).__name__
-    info = {"stage": "denoiser", "family": family, "network": network.config.to_dict(), "text": text.config.to_dict(),
-            "train_text": train_text, "schedule": schedule.config, "prediction": prediction,
-            "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed, "p_uncond": p_uncond,
-            "images": len(images), "resolution": images.shape[-1], "scale_factor": scale}
+    vae_digest = float(sum(p.detach().double().sum() for p in vae.parameters()))
+    info = {"stage": "denoiser", "family": type(network).__name__, "network": network.config.to_dict(),
+            "text": text.config.to_dict(), "train_text": train_text, "schedule": schedule.config,
+            "prediction": prediction, "batch_size": opts.batch_size, "world_size": distributed()[1], "lr": opts.lr,
+            "seed": opts.seed, "p_uncond": p_uncond, "data": dataset.describe, "images": len(dataset),
+            "resolution": dataset.resolution, "flip": opts.flip, "scale_factor": scale, "vae_digest": vae_digest}
     if not train_text:  # a shared, frozen text encoder: resuming with another one would go unnoticed
         info["text_digest"] = float(sum(p.detach().double().sum() for p in text.parameters()))
     if init:
         info["init"] = init
+    if cache_latents:
+        digest = hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
+        data = LatentCache.build(os.path.join(opts.out_dir, f"latents-{digest}.npy"), vae, dataset, opts)
+    else:
+        data = dataset
+
+    def latents(batch, draws):
+        """The posterior (mean, std) of this rank's images, from the cache or encoded now."""
+        if cache_latents:
+            cached = batch[0].to(device)  # [B, orientations, 2, C, h, w]
+            pick = (draws.rand(len(cached)) < 0.5).long() if opts.flip else torch.zeros(len(cached), dtype=torch.long)
+            cached = cached[torch.arange(len(cached)), pick.to(device)]
+            return cached[:, 0], cached[:, 1]
+        with torch.no_grad():
+            posterior = vae.encode(_flip(_pixels(batch, device), draws, opts))
+        return posterior.mean, posterior.std
+
+    def loss_fn(modules, batch, draws):
+        mean, std = latents(batch, draws)
+        b = len(mean)
+        z0 = scale * (mean + std * draws.randn(mean.shape).to(device))
+        drop = (draws.rand(b) < p_uncond).to(device)
+        tokens = torch.where(drop[:, None], empty_ids[None], ids[batch[1]].to(device))
+        with torch.set_grad_enabled(train_text):
+            context = (modules["text"] if train_text else text)(tokens)
+        t, eps = draws.randint(schedule.num_timesteps, b), draws.randn(z0.shape)
+        return l_simple(modules["network"], z0, schedule, prediction, context, t=t, eps=eps)
+
     modules = {"network": network, "text": text} if train_text else {"network": network}
-    bounds = []
 
-    def report(step):
-        bounds.append(held_out_bound(network, text, vae, schedule, prediction, *held_out))
-        print(f"\ndenoiser {step}: bound {bounds[-1].total.mean():.4f} +- "
-              f"{bounds[-1].standard_error.pow(2).mean().div(len(held_out[0])).sqrt():.4f} {bounds[-1].unit} "
+    def report(step, history):
+        bound = held_out_bound(network, text, vae, schedule, prediction, *held_out)
+        error = float(bound.standard_error.pow(2).mean().div(len(held_out[0])).sqrt())
+        history.setdefault("held_out_bound", []).append([step, float(bound.total.mean()), error])
+        history["unit"] = bound.unit
+        print(f"\ndenoiser {step}: bound {bound.total.mean():.4f} +- {error:.4f} {bound.unit} "
               f"on {len(held_out[0])} held-out images", file=sys.stderr)
+        write_curves(opts.out_dir, history)
 
-    ema, loss = _train_loop("denoiser", opts, modules, loss_fn, info, ema_decay, report if held_out else None)
+    ema, history = _train_loop("denoiser", opts, modules, loss_fn, data, info, ema_decay,
+                               report if held_out else lambda step, history: write_curves(opts.out_dir, history))
     ema.copy_to(torch.nn.ModuleDict(modules))
-    return network.eval(), text.eval(), vae, loss
+    return network.eval(), text.eval(), vae, history
+
+
+def write_curves(out_dir, history):
+    """The loss and held-out curves so far: under "curves" in <out>/record.json and drawn in <out>/training.png."""
+    path = os.path.join(out_dir, "record.json")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    record["curves"] = history
+    _write_json(path, record)
+    plot_training(history).save(os.path.join(out_dir, "training.png"))
+
+
+def _write_json(path, value):
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(f"{path}.tmp", path)
 
 
 @torch.no_grad()
@@ -378,18 +592,22 @@ def save_model(path, network, vae, text, schedule, prediction, record, parts_fro
 
 
 def load_autoencoder(path):
-    """The stage-1 result written by `save_autoencoder`."""
-    with safe_open(path, framework="pt") as f:
-        config = AutoencoderConfig.from_dict(json.loads(f.metadata()["config"]))
-        vae = AutoencoderKL(config)
-        vae.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+    """The stage-1 result written by `save_autoencoder`; InputError naming the file when it is broken."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            config = AutoencoderConfig.from_dict(json.loads((f.metadata() or {})["config"]))
+            vae = AutoencoderKL(config)
+            vae.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+    except (OSError, SafetensorError, RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise InputError(path, f"not a readable autoencoder ({error}); delete it to train the stage again") from None
     return vae.eval()
 
 
 def save_autoencoder(path, vae):
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, path,
+    tmp = f"{path}.tmp"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp,
               metadata={"config": json.dumps(vae.config.to_dict())})
-
+    os.replace(tmp, path)
 
 
 # --- the whole recipe -------------------------------------------------------------------------
@@ -414,7 +632,7 @@ DENOISERS = ("unet", "transformer")
 def denoiser_config(denoiser, channels, text_width, pixel=False):
     """The TINY_* config of a family, sized to the latent channels and the text width."""
     if denoiser not in DENOISERS:
-        raise ValueError(f"denoiser: unknown {denoiser!r}; choose one of {', '.join(DENOISERS)}")
+        raise InputError("--denoiser", f"unknown {denoiser!r}; choose one of {', '.join(DENOISERS)}")
     config = TINY_TRANSFORMER if denoiser == "transformer" else TINY_PIXEL_UNET if pixel else TINY_UNET
     return replace(config, in_channels=channels, out_channels=channels, context_dim=text_width)
 
@@ -422,96 +640,234 @@ def denoiser_config(denoiser, channels, text_width, pixel=False):
 NETWORKS = {UNetConfig: UNetModel, TransformerConfig: TransformerModel}
 
 
+WHOLE_MODEL = "whole model"  # the record's "fine_tune" value of a run that fine-tuned a whole SD1.x-layout file
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model named on the command line: the file, and the name the user gave (kept in records)."""
+
+    path: object
+    name: str
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of a `train` run, by name: the command line builds one, `train_model` reads it.
+    batch sizes are per process (the global batch is batch x world size under torchrun).
+    base: a model whose text encoder (frozen) and autoencoder (unless pixel) are reused.
+    init: a model the denoiser starts from; a Stable Diffusion 1.x-layout file (`is_whole_model`) is
+    fine-tuned whole instead: its UNet, its text encoder with train_text, its autoencoder frozen."""
+
+    out_dir: str
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 2e-4
+    vae_steps: int = 1500
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    decoder_steps: int = 0
+    prediction: str = None  # None: eps, or the --init model's own
+    seed: int = 0
+    device: str = "cpu"
+    save_every: int = 250
+    denoiser: str = "unet"
+    pixel: bool = False
+    base: ModelRef = None
+    init: ModelRef = None
+    train_text: bool = False
+    flip: bool = False
+    cache_latents: bool = False
+    workers: int = 0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+
+    def options(self, steps, batch_size, lr):
+        return RunOptions(self.out_dir, steps, batch_size, lr, seed=self.seed, device=self.device,
+                          save_every=self.save_every, workers=self.workers, flip=self.flip, precision=self.precision)
+
+
+def is_whole_model(path):
+    """A file to fine-tune whole: one without our metadata (a Stable Diffusion 1.x checkpoint) or one
+    that such a fine-tune wrote."""
+    metadata = read_model_metadata(path)
+    return not metadata or metadata.get("training", {}).get("fine_tune") == WHOLE_MODEL
+
+
 def trained_network(init, config):
-    """The denoiser of the trained model at init = (file, name), to fine-tune it or give it more steps.
+    """The denoiser of the trained model `init` (a ModelRef), to fine-tune it or give it more steps.
     Its family, latent channels and context width must be those of `config`, the run's own."""
-    network = load_checkpoint(init[0]).denoiser
+    network = load_checkpoint(init.path).denoiser
     have = (type(network).__name__, network.config.in_channels, network.config.context_dim)
     need = (NETWORKS[type(config)].__name__, config.in_channels, config.context_dim)
     if have != need:
-        raise ValueError(f"--init {init[1]}: its denoiser is a {have[0]} for {have[1]}-channel inputs and "
-                         f"{have[2]}-wide text; this run needs a {need[0]} for {need[1]} and {need[2]}")
+        raise InputError(f"--init {init.name}", f"its denoiser is a {have[0]} for {have[1]}-channel inputs and "
+                                                f"{have[2]}-wide text; this run needs a {need[0]} for {need[1]} and {need[2]}")
     return network.train().requires_grad_(True)  # the loader hands out frozen modules for inference
+
+
+def check_resolution(resolution, vae, network):
+    """The image size must be a multiple of the autoencoder's factor times the denoiser's own downsampling."""
+    inner = (2 ** (len(network.config.channel_mult) - 1) if isinstance(network.config, UNetConfig)
+             else network.config.patch_size)
+    multiple = vae.config.f * inner
+    if resolution % multiple:
+        raise InputError("--resolution", f"{resolution} is not a multiple of {multiple} (the autoencoder's factor "
+                                         f"{vae.config.f} x the denoiser's downsampling {inner})")
+
+
+def checkpoint_blocks(network):
+    """Gradient checkpointing: each UNet block (each transformer block) recomputes its activations in the
+    backward pass instead of keeping them, trading compute for memory. The state dict is unchanged."""
+    blocks = ([*network.input_blocks, network.middle_block, *network.output_blocks]
+              if isinstance(network, UNetModel) else list(network.blocks))
+    for block in blocks:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(block).forward.__get__(block),
+                                          use_reentrant=False)
 
 
 def _reuse_or_train(path, label, train):
     """A stage's autoencoder from `path` when an earlier run finished it (loss None), else train() and
-    save its result there."""
+    save its result there (rank 0; the others wait for the file)."""
+    rank = distributed()[0]
     if os.path.exists(path):
-        print(f"{label}: using {path}", file=sys.stderr)
+        if rank == 0:
+            print(f"{label}: using {path}", file=sys.stderr)
         return load_autoencoder(path), None
     vae, loss = train()
-    if _distributed()[0] == 0:
+    if rank == 0:
         save_autoencoder(path, vae)
+    _barrier()
     return vae, loss
 
 
-def _autoencoder(out_dir, images, vae_steps, vae_batch_size, vae_lr, decoder_steps, seed, device, save_every):
+def _autoencoder(recipe, dataset):
     """Stage 1 and the optional decoder fine-tune, each reused from <out> when already done.
     Returns (vae, final autoencoder loss, final decoder loss); losses are None for reused stages."""
-    def opts(steps):
-        return RunOptions(out_dir, steps, vae_batch_size, vae_lr, seed=seed, device=device, save_every=save_every)
-
-    vae, vae_loss = _reuse_or_train(os.path.join(out_dir, "autoencoder.safetensors"), "autoencoder",
-                                    lambda: train_autoencoder(opts(vae_steps), TINY_AUTOENCODER, images))
+    opts = recipe.options(recipe.vae_steps, recipe.vae_batch_size, recipe.vae_lr)
+    vae, vae_loss = _reuse_or_train(os.path.join(recipe.out_dir, "autoencoder.safetensors"), "autoencoder",
+                                    lambda: train_autoencoder(opts, TINY_AUTOENCODER, dataset))
     decoder_loss = None
-    if decoder_steps:
-        stage1 = vae
-        vae, decoder_loss = _reuse_or_train(os.path.join(out_dir, "autoencoder-decoder.safetensors"), "decoder",
-                                            lambda: finetune_decoder(opts(decoder_steps), stage1, images))
+    if recipe.decoder_steps:
+        stage1, opts = vae, recipe.options(recipe.decoder_steps, recipe.vae_batch_size, recipe.vae_lr)
+        vae, decoder_loss = _reuse_or_train(os.path.join(recipe.out_dir, "autoencoder-decoder.safetensors"), "decoder",
+                                            lambda: finetune_decoder(opts, stage1, dataset))
     return vae, vae_loss, decoder_loss
 
 
-def train_model(out_dir, images, captions, data_seed, vae_steps, steps, batch_size=64, vae_batch_size=16,
-                lr=2e-4, vae_lr=1e-3, prediction="eps", seed=0, device="cpu", save_every=500, decoder_steps=0,
-                denoiser="unet", pixel=False, base=None, held_out=None, init=None):
-    """The whole recipe; writes <out>/model.safetensors, each stage resuming from its saved state.
-    Returns the model's path.
+@dataclass
+class Parts:
+    """What a run starts from, built by `prepare` before any data is read."""
 
-    The autoencoder is stage 1 (<out>/autoencoder.safetensors; autoencoder-decoder.safetensors after
-    the decoder fine-tune when decoder_steps > 0), or the identity when `pixel`, or taken from `base`.
-    base: (file, name) of a trained model whose text encoder (frozen) and autoencoder (unless pixel)
-    are reused; when its name is builtin/<file>, the result holds only the new parts and refers to
-    the built-in file for the rest (ARCHITECTURE section 5), else it holds copies.
-    held_out: (images, captions) whose variational bound is reported at every save.
-    init: (file, name) of a trained model whose denoiser the run starts from (`trained_network`); the
-    record keeps that model's own training record, so a model trained in several runs says so.
-    """
-    started, rank = time.time(), _distributed()[0]
-    vae_loss = decoder_loss = None
-    base_ck = load_checkpoint(base[0]) if base else None
-    vae = IdentityAutoencoder() if pixel else base_ck.vae if base_ck else None
+    network: torch.nn.Module
+    text: torch.nn.Module
+    vae: torch.nn.Module  # None: stage 1 trains it
+    schedule: TrainingSchedule
+    prediction: str
+    base: object  # the --base Checkpoint, or None
+    whole: bool  # a whole-model fine-tune of an SD1.x-layout --init
+
+
+STAGES = ("autoencoder", "decoder", "denoiser")
+
+
+def prepare(recipe, resolution):
+    """The Parts of a run, every misfit refused (InputError) before any data is read or anything is written:
+    models that do not fit, a resolution they cannot take, a saved state in <out> that is not one."""
+    for stage in STAGES:
+        path = os.path.join(recipe.out_dir, f"{stage}-state.safetensors")
+        if os.path.exists(path):
+            try:
+                with safe_open(path, framework="pt") as f:
+                    complete = {"step", "info", "history"} <= set(f.metadata() or {})
+            except (OSError, SafetensorError) as error:
+                raise InputError(path, f"not a readable training state ({error}); delete it to start the stage "
+                                       "again") from None
+            if not complete:
+                raise InputError(path, "not a training state of this version (no step, settings or history in its "
+                                       "metadata); delete it to start the stage again")
+    for name in ("autoencoder.safetensors", "autoencoder-decoder.safetensors"):  # finished stages: read them now
+        if os.path.exists(os.path.join(recipe.out_dir, name)):
+            load_autoencoder(os.path.join(recipe.out_dir, name))
+    if recipe.init and is_whole_model(recipe.init.path):
+        for flag, used in (("--base", recipe.base), ("--pixel", recipe.pixel), ("--denoiser", recipe.denoiser != "unet")):
+            if used:
+                raise InputError(flag, f"cannot be combined with --init {recipe.init.name}, a Stable Diffusion "
+                                       "1.x-layout file that brings its own UNet, text encoder and autoencoder")
+        ck = load_checkpoint(recipe.init.path)
+        if recipe.prediction not in (None, ck.prediction):
+            raise InputError("--prediction", f"{recipe.prediction}, but {recipe.init.name} predicts {ck.prediction}")
+        network = ck.denoiser.train().requires_grad_(True)
+        text = ck.text_encoder.float().train(recipe.train_text)
+        check_resolution(resolution, ck.vae, network)
+        return Parts(network, text, ck.vae.float(), ck.schedule, ck.prediction, None, True)
+    if recipe.train_text:
+        raise InputError("--train-text-encoder", "only for fine-tuning a Stable Diffusion 1.x-layout file (--init)")
+    base_ck = load_checkpoint(recipe.base.path) if recipe.base else None
+    vae = IdentityAutoencoder() if recipe.pixel else base_ck.vae.float() if base_ck else None
     channels = TINY_AUTOENCODER.embed_dim if vae is None else vae.config.embed_dim
     text_width = base_ck.text_encoder.config.width if base_ck else TINY_TEXT.width
-    config = denoiser_config(denoiser, channels, text_width, pixel)
-    start = trained_network(init, config) if init else None  # a misfit is refused before any stage runs
-    if vae is None:
-        vae, vae_loss, decoder_loss = _autoencoder(out_dir, images, vae_steps, vae_batch_size, vae_lr,
-                                                   decoder_steps, seed, device, save_every)
+    config = denoiser_config(recipe.denoiser, channels, text_width, recipe.pixel)
+    torch.manual_seed(recipe.seed)
+    network = trained_network(recipe.init, config) if recipe.init else NETWORKS[type(config)](config)
+    check_resolution(resolution, vae or AutoencoderKL(TINY_AUTOENCODER), network)
     text = copy.deepcopy(base_ck.text_encoder).float() if base_ck else CLIPTextModel(TINY_TEXT)
-    torch.manual_seed(seed)
-    network = start if start is not None else NETWORKS[type(config)](config)
-    schedule = PIXEL_SCHEDULE if pixel else TINY_SCHEDULE
-    opts = RunOptions(out_dir, steps, batch_size, lr, seed=seed, device=device, save_every=save_every)
-    network, text, vae, loss = train_denoiser(opts, vae.float().to(device), network, text, images, captions,
-                                              schedule, prediction, train_text=base_ck is None,
-                                              fit_scale=base_ck is None and not pixel, held_out=held_out,
-                                              init=init[1] if init else None)
-    path = os.path.join(out_dir, "model.safetensors")
+    schedule = PIXEL_SCHEDULE if recipe.pixel else TINY_SCHEDULE
+    return Parts(network, text, vae, schedule, recipe.prediction or "eps", base_ck, False)
+
+
+def train_model(recipe, dataset, held_out=None, data_record=None, parts=None):
+    """The whole recipe (a Recipe) on a dataset of uint8 images with captions (core/datasets.py); writes
+    <out>/model.safetensors, each stage resuming from its saved state. Returns the model's path.
+
+    The autoencoder is stage 1 (<out>/autoencoder.safetensors; autoencoder-decoder.safetensors after
+    the decoder fine-tune when decoder_steps > 0), or the identity when `pixel`, or taken from `base`
+    or from a whole-model `init`. When base is builtin/<file>, the result holds only the new parts and
+    refers to the built-in file for the rest (ARCHITECTURE section 5), else it holds copies. A whole-model
+    init (a Stable Diffusion 1.x-layout file) gives a file in the same SD1.x key layout.
+    held_out: (uint8 images, captions) whose variational bound is reported at every save and kept as a
+    curve. data_record: what to record about the data (e.g. the procedural data seed). parts: what
+    `prepare` gave for this recipe, when the caller checked it before reading the data.
+    The record keeps an init model's own training record, so a model trained in several runs says so.
+    """
+    started, rank = time.time(), distributed()[0]
+    parts = parts or prepare(recipe, dataset.resolution)
+    network, text, vae, schedule, prediction, base_ck, whole = (parts.network, parts.text, parts.vae, parts.schedule,
+                                                                parts.prediction, parts.base, parts.whole)
+    own_autoencoder = vae is None
+    vae_loss = decoder_loss = None
+    if vae is None:
+        vae, vae_loss, decoder_loss = _autoencoder(recipe, dataset)
+    if recipe.gradient_checkpointing:
+        checkpoint_blocks(network)
+    opts = recipe.options(recipe.steps, recipe.batch_size, recipe.lr)
+    network, text, vae, history = train_denoiser(
+        opts, vae.to(recipe.device), network, text, dataset, schedule, prediction,
+        train_text=recipe.train_text if whole else base_ck is None, fit_scale=not (whole or base_ck or recipe.pixel),
+        held_out=held_out, init=recipe.init.name if recipe.init else None, cache_latents=recipe.cache_latents)
+    path = os.path.join(recipe.out_dir, "model.safetensors")
     if rank == 0:
         parts_from = {}
-        if base and base[1].startswith(BUILTIN_PREFIX):
-            parts_from = {"text": base[1]} if pixel else {"text": base[1], "vae": base[1]}
-        record = {"data_seed": data_seed, "images": len(images), "resolution": images.shape[-1],
-                  "denoiser": denoiser, "pixel": pixel, "base": base[1] if base else None}
-        if init:
-            record["init"] = {"model": init[1], "training": read_model_metadata(init[0]).get("training")}
-        if not (pixel or base_ck):  # the autoencoder stages ran here
-            record.update(vae_steps=vae_steps, vae_batch_size=vae_batch_size, vae_lr=vae_lr,
-                          decoder_steps=decoder_steps, final_autoencoder_loss=vae_loss, final_decoder_loss=decoder_loss)
-        record.update(steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device, final_denoiser_loss=loss,
-                      wall_time_s_this_run=round(time.time() - started))
+        if recipe.base and recipe.base.name.startswith(BUILTIN_PREFIX):
+            parts_from = {"text": recipe.base.name} if recipe.pixel else {"text": recipe.base.name, "vae": recipe.base.name}
+        record = {**(data_record or {}), "data": dataset.describe, "images": len(dataset),
+                  "held_out": len(held_out[0]) if held_out else 0, "resolution": dataset.resolution,
+                  "denoiser": recipe.denoiser, "pixel": recipe.pixel,
+                  "base": recipe.base.name if recipe.base else None}
+        if whole:
+            record.update(fine_tune=WHOLE_MODEL, train_text=recipe.train_text)
+        if recipe.init:
+            record["init"] = {"model": recipe.init.name, "training": read_model_metadata(recipe.init.path).get("training")}
+        if own_autoencoder:  # the autoencoder stages ran here
+            record.update(vae_steps=recipe.vae_steps, vae_batch_size=recipe.vae_batch_size, vae_lr=recipe.vae_lr,
+                          decoder_steps=recipe.decoder_steps, final_autoencoder_loss=vae_loss,
+                          final_decoder_loss=decoder_loss)
+        world = distributed()[1]
+        record.update(steps=recipe.steps, batch_size=recipe.batch_size, world_size=world,
+                      global_batch_size=recipe.batch_size * world, lr=recipe.lr, seed=recipe.seed, flip=recipe.flip,
+                      device=recipe.device, precision=recipe.precision, final_denoiser_loss=_last(history),
+                      wall_time_s_this_run=round(time.time() - started), curves=history)
         save_model(path, network, vae, text, schedule, prediction, record, parts_from)
-        with open(os.path.join(out_dir, "record.json"), "w") as f:
-            json.dump(record, f, indent=2)
+        _write_json(os.path.join(recipe.out_dir, "record.json"), record)
+    _barrier()
     return path

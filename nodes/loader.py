@@ -97,5 +97,15 @@ class LDMLoadModel:
                            "fp32 (fp16 autoencoders can overflow into black images)."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, ckpt_name):
+        """ckpt_name is checked by resolving it, instead of against the list: the same names inside ComfyUI,
+        and on the command line (`run`) also a model file's own path, such as a training run's."""
+        try:
+            model_paths.resolve_model(ckpt_name)
+        except ValueError as error:
+            return str(error)
+        return True
+
     def load(self, ckpt_name, precision):
         return load_model(ckpt_name, precision)

@@ -10,6 +10,7 @@ from ldm_nodes.core import checkpoint
 from ldm_nodes.core.autoencoder import AutoencoderConfig, IdentityAutoencoder
 from ldm_nodes.core.checkpoint import load_checkpoint
 from ldm_nodes.core.data import downsample, make_dataset
+from ldm_nodes.core.datasets import TensorImages
 from ldm_nodes.core.objective import q_sample
 from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.text import CLIPTextConfig
@@ -27,6 +28,13 @@ def data():
     images, captions = make_dataset(64, seed=5)
     return images[:, :, ::2, ::2].contiguous(), captions  # 32x32 keeps the test fast
 
+
+def dataset(images, captions=None):
+    return TensorImages(images, captions or [""] * len(images), {"data": "test"})
+
+
+def recipe(out, **kw):
+    return train.Recipe(str(out), **{"vae_steps": 0, "save_every": 1, **kw})
 
 
 def fresh():
@@ -47,7 +55,7 @@ def test_autoencoder_loss_falls(tmp_path, data):
     images, _ = data
     torch.manual_seed(0)
     before = reconstruction_error(train.AutoencoderKL(VAE), images)  # the same init train_autoencoder makes
-    vae, _ = train.train_autoencoder(options(tmp_path, 60), VAE, images, ema_decay=0.9)
+    vae, _ = train.train_autoencoder(options(tmp_path, 60), VAE, dataset(images), ema_decay=0.9)
     after = reconstruction_error(vae, images)
     assert after < 0.85 * before, (before, after)
 
@@ -66,11 +74,11 @@ def denoiser_loss(unet, text, vae, images, captions):
 
 def test_denoiser_loss_falls_and_caption_dropout_uses_the_empty_prompt(tmp_path, data):
     images, captions = data
-    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 10), VAE, images)
+    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 10), VAE, dataset(images))
     torch.manual_seed(0)
     fresh_unet, fresh_text = train.UNetModel(UNET), train.CLIPTextModel(TEXT)
     unet, text, vae, _ = train.train_denoiser(options(tmp_path, 40), vae, copy.deepcopy(fresh_unet),
-                                              copy.deepcopy(fresh_text), images, captions, SCHEDULE)
+                                              copy.deepcopy(fresh_text), dataset(images, captions), SCHEDULE)
     before = denoiser_loss(fresh_unet, fresh_text, vae, images, captions)
     after = denoiser_loss(unet, text, vae, images, captions)
     assert after < 0.8 * before, (before, after)
@@ -80,8 +88,8 @@ def test_denoiser_loss_falls_and_caption_dropout_uses_the_empty_prompt(tmp_path,
 
 def test_scale_factor_whitens_the_latents(tmp_path, data):
     images, captions = data
-    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 5), VAE, images)
-    _, _, vae, _ = train.train_denoiser(options(tmp_path, 1), vae, *fresh(), images, captions, SCHEDULE)
+    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 5), VAE, dataset(images))
+    _, _, vae, _ = train.train_denoiser(options(tmp_path, 1), vae, *fresh(), dataset(images, captions), SCHEDULE)
     mean, std = train.encode_dataset(vae, images, "cpu")
     z = vae.config.scale_factor * (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)))
     assert z.std().item() == pytest.approx(1.0, abs=0.02)
@@ -89,28 +97,28 @@ def test_scale_factor_whitens_the_latents(tmp_path, data):
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, data):
     images, _ = data
-    whole, _ = train.train_autoencoder(options(tmp_path / "whole", 12), VAE, images)
-    train.train_autoencoder(options(tmp_path / "split", 6), VAE, images)  # stops at 6 (state saved at 5 and 6)
-    resumed, _ = train.train_autoencoder(options(tmp_path / "split", 12), VAE, images)
+    whole, _ = train.train_autoencoder(options(tmp_path / "whole", 12), VAE, dataset(images))
+    train.train_autoencoder(options(tmp_path / "split", 6), VAE, dataset(images))  # stops at 6 (state saved at 5 and 6)
+    resumed, _ = train.train_autoencoder(options(tmp_path / "split", 12), VAE, dataset(images))
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
 
 def test_resume_refuses_other_settings(tmp_path, data):
     images, _ = data
-    train.train_autoencoder(options(tmp_path, 5), VAE, images)
+    train.train_autoencoder(options(tmp_path, 5), VAE, dataset(images))
     other = train.RunOptions(str(tmp_path), 10, batch_size=4, lr=1e-3, warmup=5, save_every=5)
     with pytest.raises(ValueError, match="other settings.*batch_size"):
-        train.train_autoencoder(other, VAE, images)
+        train.train_autoencoder(other, VAE, dataset(images))
 
 
 def test_saved_model_loads_with_its_record(tmp_path, data):
     images, captions = data
-    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 3), VAE, images)
+    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 3), VAE, dataset(images))
     train.save_autoencoder(tmp_path / "ae.safetensors", vae)
     again = train.load_autoencoder(tmp_path / "ae.safetensors")
     assert again.config == vae.config
-    unet, text, vae, loss = train.train_denoiser(options(tmp_path, 3), vae, *fresh(), images, captions, SCHEDULE)
+    unet, text, vae, loss = train.train_denoiser(options(tmp_path, 3), vae, *fresh(), dataset(images, captions), SCHEDULE)
     train.save_model(tmp_path / "m.safetensors", unet, vae, text, SCHEDULE, "v", {"steps": 3})
     ck = load_checkpoint(tmp_path / "m.safetensors")
     assert ck.prediction == "v" and ck.vae.config.scale_factor == vae.config.scale_factor
@@ -136,10 +144,10 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 def test_decoder_finetune_keeps_the_encoder_and_improves_reconstruction(tmp_path, data):
     images, _ = data
-    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 10), VAE, images)
+    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 10), VAE, dataset(images))
     encoder = copy.deepcopy(vae.encoder.state_dict())
     before = reconstruction_error(vae, images)
-    tuned, _ = train.finetune_decoder(options(tmp_path, 40), copy.deepcopy(vae), images, ema_decay=0.9)
+    tuned, _ = train.finetune_decoder(options(tmp_path, 40), copy.deepcopy(vae), dataset(images), ema_decay=0.9)
     for k, v in tuned.encoder.state_dict().items():
         assert torch.equal(v, encoder[k]), k
     assert torch.equal(tuned.quant_conv.weight, vae.quant_conv.weight)
@@ -148,13 +156,13 @@ def test_decoder_finetune_keeps_the_encoder_and_improves_reconstruction(tmp_path
 
 def test_transformer_with_a_frozen_text_encoder_learns(tmp_path, data):
     images, captions = data
-    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 5), VAE, images)
+    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 5), VAE, dataset(images))
     torch.manual_seed(0)
     config = TransformerConfig(4, 4, 64, 2, 2, 32, base_size=4)
     fresh_net, text = TransformerModel(config), train.CLIPTextModel(TEXT)
     frozen = copy.deepcopy(text.state_dict())
-    net, text, vae, _ = train.train_denoiser(options(tmp_path, 40), vae, copy.deepcopy(fresh_net), text, images,
-                                             captions, SCHEDULE, train_text=False)
+    net, text, vae, _ = train.train_denoiser(options(tmp_path, 40), vae, copy.deepcopy(fresh_net), text,
+                                             dataset(images, captions), SCHEDULE, train_text=False)
     for k, v in text.state_dict().items():
         assert torch.equal(v, frozen[k]), k
     before = denoiser_loss(fresh_net, text, vae, images, captions)
@@ -169,7 +177,7 @@ def test_pixel_space_trains_on_images_in_minus_one_one(tmp_path, data):
     unet = train.UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
     fresh_unet, text = copy.deepcopy(unet), train.CLIPTextModel(TEXT)
     fresh_text = copy.deepcopy(text)
-    unet, text, vae, _ = train.train_denoiser(options(tmp_path, 40), vae, unet, text, images, captions, SCHEDULE)
+    unet, text, vae, _ = train.train_denoiser(options(tmp_path, 40), vae, unet, text, dataset(images, captions), SCHEDULE)
     assert vae.config.scale_factor == 1.0
     before = denoiser_loss(fresh_unet, fresh_text, vae, images, captions)
     after = denoiser_loss(unet, text, vae, images, captions)
@@ -193,16 +201,16 @@ def test_a_model_on_a_builtin_base_holds_only_its_denoiser(tmp_path, data, monke
     builtin = tmp_path / "models"
     builtin.mkdir()
     monkeypatch.setattr(checkpoint, "BUILTIN_DIR", builtin)
-    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 3), VAE, images)
+    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 3), VAE, dataset(images))
     unet, text = fresh()
     train.save_model(builtin / "base.safetensors", unet, vae, text, SCHEDULE, "eps", {})
     monkeypatch.setattr(train, "TINY_TRANSFORMER", TransformerConfig(4, 4, 32, 1, 1, 32, base_size=4))
     monkeypatch.setattr(train, "TINY_PIXEL_UNET", UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
-    base = (builtin / "base.safetensors", "builtin/base.safetensors")
+    base = train.ModelRef(builtin / "base.safetensors", "builtin/base.safetensors")
     for denoiser, pixel, shared in (("transformer", False, {"text", "vae"}), ("unet", True, {"text"})):
         out = tmp_path / f"{denoiser}-{pixel}"
-        path = train.train_model(str(out), images, captions, 0, 0, 2, batch_size=4, denoiser=denoiser,
-                                 pixel=pixel, base=base, save_every=1)
+        path = train.train_model(recipe(out, steps=2, batch_size=4, denoiser=denoiser, pixel=pixel, base=base),
+                                 dataset(images, captions))
         meta = checkpoint.read_model_metadata(path)
         assert set(meta["parts_from"]) == shared and meta["training"]["base"] == "builtin/base.safetensors"
         ck = load_checkpoint(path)
@@ -223,33 +231,34 @@ def test_init_starts_the_denoiser_from_a_trained_model(tmp_path, data, monkeypat
     builtin.mkdir()
     monkeypatch.setattr(checkpoint, "BUILTIN_DIR", builtin)
     monkeypatch.setattr(train, "TINY_TRANSFORMER", TransformerConfig(4, 4, 32, 1, 1, 32, base_size=4))
-    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 3), VAE, images)
+    vae, _ = train.train_autoencoder(options(tmp_path / "vae", 3), VAE, dataset(images))
     unet, text = fresh()
     train.save_model(builtin / "base.safetensors", unet, vae, text, SCHEDULE, "eps", {})
-    base = (builtin / "base.safetensors", "builtin/base.safetensors")
-    first = train.train_model(str(tmp_path / "first"), images, captions, 0, 0, 2, batch_size=4, denoiser="transformer",
-                              base=base, save_every=1)
-    init = (first, "first.safetensors")
-    path = train.train_model(str(tmp_path / "again"), images, captions, 0, 0, 0, batch_size=4,
-                             denoiser="transformer", base=base, init=init, seed=1)
+    base = train.ModelRef(builtin / "base.safetensors", "builtin/base.safetensors")
+    data = dataset(images, captions)
+    first = train.train_model(recipe(tmp_path / "first", steps=2, batch_size=4, denoiser="transformer", base=base), data)
+    init = train.ModelRef(first, "first.safetensors")
+    path = train.train_model(recipe(tmp_path / "again", steps=0, batch_size=4, denoiser="transformer", base=base,
+                                    init=init, seed=1), data)
     started, trained = load_checkpoint(first).denoiser.state_dict(), load_checkpoint(path).denoiser.state_dict()
     assert all(torch.equal(trained[k], v) for k, v in started.items())
     record = checkpoint.read_model_metadata(path)["training"]
     assert record["init"] == {"model": "first.safetensors", "training": checkpoint.read_model_metadata(first)["training"]}
     assert record["init"]["training"]["steps"] == 2 and record["steps"] == 0
     with pytest.raises(ValueError, match="--init base.safetensors: its denoiser is a UNetModel.*needs a TransformerModel"):
-        train.train_model(str(tmp_path / "mismatch"), images, captions, 0, 0, 1, batch_size=4, denoiser="transformer",
-                          base=base, init=(builtin / "base.safetensors", "base.safetensors"))
+        train.train_model(recipe(tmp_path / "mismatch", steps=1, batch_size=4, denoiser="transformer", base=base,
+                                 init=train.ModelRef(builtin / "base.safetensors", "base.safetensors")), data)
     monkeypatch.setattr(train, "TINY_AUTOENCODER", VAE)
     with pytest.raises(ValueError, match="--init base.safetensors: its denoiser is a UNetModel"):  # before stage 1
-        train.train_model(str(tmp_path / "no-base"), images, captions, 0, 1, 1, batch_size=4, vae_batch_size=4,
-                          denoiser="transformer", init=(builtin / "base.safetensors", "base.safetensors"))
+        train.train_model(recipe(tmp_path / "no-base", vae_steps=1, steps=1, batch_size=4, vae_batch_size=4,
+                                 denoiser="transformer",
+                                 init=train.ModelRef(builtin / "base.safetensors", "base.safetensors")), data)
     assert not (tmp_path / "no-base").exists() or not any((tmp_path / "no-base").iterdir())
-    train.train_model(str(tmp_path / "resume"), images, captions, 0, 0, 1, batch_size=4, denoiser="transformer",
-                      base=base, init=init, save_every=1)
+    train.train_model(recipe(tmp_path / "resume", steps=1, batch_size=4, denoiser="transformer", base=base,
+                             init=init), data)
     with pytest.raises(ValueError, match="other settings.*init"):
-        train.train_model(str(tmp_path / "resume"), images, captions, 0, 0, 2, batch_size=4, denoiser="transformer",
-                          base=base, init=(path, "again.safetensors"), save_every=1)
+        train.train_model(recipe(tmp_path / "resume", steps=2, batch_size=4, denoiser="transformer", base=base,
+                                 init=train.ModelRef(path, "again.safetensors")), data)
 
 
 def test_held_out_bound_is_reported_at_every_save(tmp_path, data, capsys):
@@ -260,8 +269,8 @@ def test_held_out_bound_is_reported_at_every_save(tmp_path, data, capsys):
     unet = train.UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
     text = train.CLIPTextModel(TEXT)
     held = (images[:4], captions[:4])
-    unet, text, vae, _ = train.train_denoiser(options(tmp_path, 10), IdentityAutoencoder(), unet, text, images,
-                                              captions, SCHEDULE, held_out=held, ema_decay=0.0)
+    unet, text, vae, _ = train.train_denoiser(options(tmp_path, 10), IdentityAutoencoder(), unet, text,
+                                              dataset(images, captions), SCHEDULE, held_out=held, ema_decay=0.0)
     reports = [line for line in capsys.readouterr().err.splitlines() if ": bound " in line]
     assert [r.split(":")[0] for r in reports] == ["denoiser 5", "denoiser 10"]
     assert all("bits/dim on 4 held-out images" in r for r in reports)
@@ -275,21 +284,21 @@ def test_resume_refuses_another_frozen_text_encoder(tmp_path, data):
     unet = train.UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
     torch.manual_seed(0)
     text = train.CLIPTextModel(TEXT)
-    train.train_denoiser(options(tmp_path, 5), vae, copy.deepcopy(unet), copy.deepcopy(text), images, captions,
-                         SCHEDULE, train_text=False)
+    train.train_denoiser(options(tmp_path, 5), vae, copy.deepcopy(unet), copy.deepcopy(text),
+                         dataset(images, captions), SCHEDULE, train_text=False)
     other = copy.deepcopy(text)
     with torch.no_grad():
         other.text_model.final_layer_norm.bias.add_(0.01)
     with pytest.raises(ValueError, match="other settings.*text_digest"):
-        train.train_denoiser(options(tmp_path, 10), vae, copy.deepcopy(unet), other, images, captions, SCHEDULE,
-                             train_text=False)
+        train.train_denoiser(options(tmp_path, 10), vae, copy.deepcopy(unet), other, dataset(images, captions),
+                             SCHEDULE, train_text=False)
 
 
 def test_autoencoder_stages_are_trained_once_then_reused(tmp_path, data, monkeypatch, capsys):
     images, captions = data
     monkeypatch.setattr(train, "TINY_AUTOENCODER", VAE)
-    args = dict(batch_size=4, vae_batch_size=4, save_every=1, decoder_steps=2)
-    train.train_model(str(tmp_path), images, captions, 0, 2, 1, **args)
+    run = recipe(tmp_path, vae_steps=2, steps=1, batch_size=4, vae_batch_size=4, decoder_steps=2)
+    train.train_model(run, dataset(images, captions))
     first = json.loads((tmp_path / "record.json").read_text())
     assert first["final_autoencoder_loss"] is not None and first["final_decoder_loss"] is not None
     stage1 = train.load_autoencoder(tmp_path / "autoencoder.safetensors")
@@ -297,7 +306,7 @@ def test_autoencoder_stages_are_trained_once_then_reused(tmp_path, data, monkeyp
     assert torch.equal(stage1.encoder.conv_in.weight, tuned.encoder.conv_in.weight)
     assert not torch.equal(stage1.decoder.conv_out.weight, tuned.decoder.conv_out.weight)
     capsys.readouterr()
-    train.train_model(str(tmp_path), images, captions, 0, 2, 1, **args)
+    train.train_model(run, dataset(images, captions))
     err = capsys.readouterr().err
     assert "autoencoder: using" in err and "decoder: using" in err
     again = json.loads((tmp_path / "record.json").read_text())
@@ -323,3 +332,31 @@ def test_train_command_takes_another_runs_model_file_as_init(tmp_path):
                  "--denoiser", "transformer", "--images", "8", "--steps", "1", "--batch-size", "2"]) == 0
     record = json.loads((out / "record.json").read_text())
     assert record["init"]["model"] == init and record["init"]["training"]["denoiser"] == "transformer"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keys():
+    torch.manual_seed(0)
+    unet = train.UNetModel(UNET)
+    checkpointed = copy.deepcopy(unet)
+    train.checkpoint_blocks(checkpointed)
+    assert checkpointed.state_dict().keys() == unet.state_dict().keys()
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.randn(2, 77, 32)
+    for module in (unet, checkpointed):
+        module(x, t, context).square().mean().backward()
+    for (name, a), b in zip(unet.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+def test_train_help_gives_every_flag_a_help_line_and_its_default(capsys):
+    import re
+
+    from ldm_nodes.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    options = capsys.readouterr().out.split("options:")[1]
+    blocks = re.split(r"\n(?=  -)", options.strip("\n"))
+    flags = [re.match(r"\s*(-\S+)", b).group(1) for b in blocks]
+    assert {"--data", "--resolution", "--val", "--cache-latents", "--init", "--workers"} <= set(flags)
+    for block in blocks[1:]:  # after -h
+        assert "(default:" in block and len(" ".join(block.split()[2:])) > 20, block

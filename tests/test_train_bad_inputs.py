@@ -1,0 +1,149 @@
+"""`train` refuses a user's mistakes before any work: one line naming the input, a non-zero exit, no
+traceback, and nothing written."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_nodes.__main__ import main
+
+FAST = ["--images", "8", "--resolution", "32", "--vae-steps", "1", "--steps", "1", "--batch-size", "2",
+        "--vae-batch-size", "2", "--workers", "0", "--val", "0"]
+
+
+def refused(capsys, argv, name):
+    """Run `train argv`; assert it failed with one line naming `name`, and return that line."""
+    capsys.readouterr()
+    assert main(["train", *argv]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {name}"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def picture(path, size=(40, 30), seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--steps", "-5"), ("--steps", "0"), ("--batch-size", "0"), ("--vae-batch-size", "-1"), ("--images", "0"),
+    ("--save-every", "0"), ("--vae-steps", "0"), ("--decoder-steps", "-1"), ("--val", "-1"), ("--workers", "-2"),
+    ("--seed", "-1"), ("--data-seed", "-3"), ("--resolution", "16"), ("--resolution", "1024"),
+    ("--lr", "nan"), ("--lr", "0"), ("--lr", "-0.0001"), ("--vae-lr", "inf"),
+])
+def test_numbers_out_of_range_are_refused_naming_the_flag(tmp_path, capsys, flag, value):
+    out = tmp_path / "out"
+    line = refused(capsys, ["--out", str(out), f"{flag}={value}"], flag)
+    assert value in line
+    assert not out.exists()
+
+
+def test_a_billion_scenes_are_refused_with_the_memory_they_would_need(tmp_path, capsys):
+    line = refused(capsys, ["--out", str(tmp_path / "out"), "--images", "1000000000"], "--images")
+    assert "1,000,000,000 scenes need about 11,6" in line and "GiB" in line  # 12 kB each
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_or_lies_under_one(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    refused(capsys, ["--out", str(tmp_path / "file")], "--out")
+    refused(capsys, ["--out", str(tmp_path / "file" / "run")], "--out")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99", "tpu"])
+def test_devices_that_are_not_there(tmp_path, capsys, device):
+    refused(capsys, ["--out", str(tmp_path / "out"), "--device", device], "--device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(tmp_path, capsys):
+    refused(capsys, ["--out", str(tmp_path / "out"), "--device", "cuda"], "--device")
+
+
+def test_resolution_the_model_cannot_divide_and_the_scenes_cannot_give(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        picture(data / f"{i}.png", seed=i)
+    line = refused(capsys, ["--out", str(tmp_path / "out"), "--data", str(data), "--resolution", "40"], "--resolution")
+    assert "multiple of 16" in line
+    refused(capsys, ["--out", str(tmp_path / "out"), "--resolution", "48"], "--resolution")  # scenes: 32 or 64
+    assert not (tmp_path / "out").exists()
+
+
+def test_folders_with_nothing_to_learn(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    assert "no png, jpg or webp" in refused(capsys, ["--out", str(tmp_path / "out"), "--data", str(empty)], "--data")
+    refused(capsys, ["--out", str(tmp_path / "out"), "--data", str(tmp_path / "missing")], "--data")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (broken / "b.jpg").write_bytes(b"not a jpeg")
+    picture(broken / "c.png")
+    (broken / "c.png").write_bytes((broken / "c.png").read_bytes()[:200])  # truncated
+    line = refused(capsys, ["--out", str(tmp_path / "out"), "--data", str(broken)], "--data")
+    assert "none of its 3 images" in line and "a.png" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [os.urandom(3000), b"", "truncated", "no metadata"])
+def test_a_state_that_is_not_one_is_refused_by_name(tmp_path, capsys, content):
+    out = tmp_path / "out"
+    out.mkdir()
+    state = out / "autoencoder-state.safetensors"
+    if content == "truncated" or content == "no metadata":
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(1000)}, state, metadata=None if content == "no metadata" else {"step": "1"})
+        if content == "truncated":
+            state.write_bytes(state.read_bytes()[:-100])
+    else:
+        state.write_bytes(content)
+    before = state.read_bytes()
+    refused(capsys, ["--out", str(out), *FAST], str(state))
+    assert sorted(p.name for p in out.iterdir()) == [state.name] and state.read_bytes() == before
+
+
+def test_a_corrupt_finished_autoencoder_is_refused_by_name(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "autoencoder.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{\"a\": 1}       junk")
+    refused(capsys, ["--out", str(out), *FAST], str(out / "autoencoder.safetensors"))
+    assert sorted(p.name for p in out.iterdir()) == ["autoencoder.safetensors"]
+
+
+def test_a_malformed_init_header_is_refused(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 8 + b"{garbage")
+    refused(capsys, ["--out", str(tmp_path / "out"), "--init", str(bad)], "--init")
+    bad.write_bytes(b"\x02\0\0\0\0\0\0\0[]")
+    refused(capsys, ["--out", str(tmp_path / "out"), "--init", str(bad)], "--init")
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_that_do_not_go_together(tmp_path, capsys):
+    refused(capsys, ["--out", str(tmp_path / "out"), "--pixel", "--cache-latents"], "--cache-latents")
+    refused(capsys, ["--out", str(tmp_path / "out"), "--precision", "bf16"], "--precision")
+    refused(capsys, ["--out", str(tmp_path / "out"), "--train-text-encoder", *FAST], "--train-text-encoder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_one_image_trains_without_a_held_out_split(tmp_path, capsys):
+    data = tmp_path / "one"
+    data.mkdir()
+    picture(data / "only.webp", size=(50, 37))
+    out = tmp_path / "out"
+    assert main(["train", "--out", str(out), "--data", str(data), *FAST[2:-1], "8"]) == 0
+    err = capsys.readouterr().err
+    assert "one image, so no held-out split" in err and "1 of 1 images have no caption" in err
+    record = json.loads((out / "record.json").read_text())
+    assert record["images"] == 1 and record["held_out"] == 0 and record["uncaptioned_images"] == 1
+    assert "held_out_bound" not in record["curves"]

@@ -1,0 +1,100 @@
+"""`train` under torchrun: 2 gloo processes on the CPU train the same model as 1 process with the same
+global batch, and only rank 0 writes files."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ldm_nodes.__main__ import main
+
+# Stage 1 and the denoiser, both with --flip (so the per-rank slices of every draw are exercised):
+# a global batch of 4 images, as 4 in one process or 2 in each of two.
+ARGS = ["--images", "12", "--resolution", "32", "--vae-steps", "2", "--steps", "2", "--save-every", "1",
+        "--val", "2", "--workers", "0", "--flip"]
+
+# Runs the command line with every file write of the process logged to WRITES.<rank>.
+LAUNCHER = textwrap.dedent("""
+    import builtins, os, sys
+    import safetensors.torch
+
+    log = open(os.environ["WRITES"] + "." + os.environ["RANK"], "w")
+
+    def record(path):
+        log.write(os.path.abspath(os.fspath(path)) + "\\n")
+        log.flush()
+
+    _open, _replace, _save_file = builtins.open, os.replace, safetensors.torch.save_file
+
+    def logged_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            record(file)
+        return _open(file, mode, *args, **kwargs)
+
+    def logged_replace(src, dst, **kwargs):
+        record(dst)
+        return _replace(src, dst, **kwargs)
+
+    def logged_save_file(tensors, filename, *args, **kwargs):
+        record(filename)
+        return _save_file(tensors, filename, *args, **kwargs)
+
+    builtins.open, os.replace, safetensors.torch.save_file = logged_open, logged_replace, logged_save_file
+    from ldm_nodes.__main__ import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def tensors(path, prefix=""):
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+def assert_near(got, want, what):
+    """Equal up to the rounding of a sum split over two processes. Adam's first moments are sums of the
+    gradients: other samples or other noise would change them by about their whole size, rounding by
+    a millionth. The weights moved little in two warmup steps, and Adam's first steps, lr * g / |g|,
+    turn the rounding of near-zero gradients into whole steps, so they get a looser bound. Each kind is
+    compared as one vector, so tensors whose gradients are all rounding noise do not decide alone."""
+    assert got.keys() == want.keys(), what
+    for kind, tolerance in (("exp_avg", 1e-3), ("exp_avg_sq", 1e-3), ("model.", 1e-4), ("ema.", 1e-4)):
+        keys = [k for k in want if k.endswith(kind) or k.startswith(kind)]
+        diff = torch.cat([(got[k].double() - want[k].double()).ravel() for k in keys]).norm()
+        size = torch.cat([want[k].double().ravel() for k in keys]).norm()
+        assert keys and diff <= tolerance * size, f"{what} {kind}: |difference| {diff:.3g}, |tensors| {size:.3g}"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
+def test_two_gloo_processes_train_what_one_process_trains_with_the_same_global_batch(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", "--out", str(one), "--batch-size", "4", "--vae-batch-size", "4", *ARGS]) == 0
+
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    env = {**os.environ, "WRITES": str(tmp_path / "writes"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
+         "train", "--out", str(two), "--batch-size", "2", "--vae-batch-size", "2", *ARGS],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # The same weights and the same Adam moments in both stages.
+    for state in ("autoencoder-state.safetensors", "denoiser-state.safetensors"):
+        want, got = tensors(one / state), tensors(two / state)
+        assert torch.equal(want.pop("rng"), got.pop("rng"))  # every rank drew the same numbers as one process
+        assert_near(got, want, state)
+    record = json.loads((two / "record.json").read_text())
+    assert record["world_size"] == 2 and record["batch_size"] == 2 and record["global_batch_size"] == 4
+    assert len(record["curves"]["held_out_bound"]) == 2  # evaluated once per save, by rank 0 alone
+
+    # Only rank 0 wrote into the run folder, and it printed the one model path.
+    written = {rank: (tmp_path / f"writes.{rank}").read_text().split() for rank in (0, 1)}
+    assert not [p for p in written[1] if p.startswith(str(two))], written[1]
+    assert str(two / "model.safetensors") in written[0]
+    assert result.stdout.split() == [str(two / "model.safetensors")]
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())

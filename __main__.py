@@ -19,7 +19,6 @@ POSITIVE = ("--lr", "--vae-lr")
 def _check_train_args(args):
     """Refuse, naming the flag, every setting that cannot work, before anything is read or written."""
     import math
-    import os
 
     import torch
 
@@ -126,7 +125,7 @@ def _train_data(args, rank):
 
 
 def _train(args):
-    from .core import train
+    from .core import train, train_loop
 
     try:
         _check_train_args(args)
@@ -135,7 +134,7 @@ def _train(args):
         recipe = train.Recipe(
             out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, vae_steps=args.vae_steps,
             vae_batch_size=args.vae_batch_size, vae_lr=args.vae_lr, decoder_steps=args.decoder_steps,
-            prediction=args.prediction, seed=args.seed, device=train.process_device(args.device), save_every=args.save_every,
+            prediction=args.prediction, seed=args.seed, device=train_loop.process_device(args.device), save_every=args.save_every,
             denoiser=args.denoiser, pixel=args.pixel, base=base, init=init, train_text=args.train_text_encoder,
             flip=args.flip, cache_latents=args.cache_latents, workers=args.workers, precision=args.precision,
             gradient_checkpointing=args.gradient_checkpointing)

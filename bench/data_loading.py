@@ -39,7 +39,7 @@ def child(task, root, size, workers):
     """One measurement in this process; prints a JSON line."""
     import torch
 
-    from ldm_nodes.core import train
+    from ldm_nodes.core import train, train_stages
     from ldm_nodes.core.datasets import scan_folder
 
     torch.set_num_threads(1)
@@ -56,7 +56,7 @@ def child(task, root, size, workers):
     elif task == "cache":
         vae = train.AutoencoderKL(train.TINY_AUTOENCODER).eval()
         start = time.perf_counter()
-        train.LatentCache.build(os.path.join(opts.out_dir, "latents.npy"), vae, scan.dataset, opts)
+        train_stages.LatentCache.build(os.path.join(opts.out_dir, "latents.npy"), vae, scan.dataset, opts)
         result["cache_s"] = time.perf_counter() - start
         result["cache_samples_per_s"] = len(scan.dataset) / result["cache_s"]
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ldm_nodes.core import train
+from ldm_nodes.core import train, train_loop, train_stages
 from ldm_nodes.core import checkpoint
 from ldm_nodes.core.autoencoder import AutoencoderConfig, IdentityAutoencoder
 from ldm_nodes.core.checkpoint import load_checkpoint
@@ -63,7 +63,7 @@ def test_autoencoder_loss_falls(tmp_path, data):
 def denoiser_loss(unet, text, vae, images, captions):
     """L_simple on fixed timesteps and noise, so before and after compare like with like."""
     g = torch.Generator().manual_seed(99)
-    ids, _ = train.caption_ids(captions)
+    ids, _ = train_stages.caption_ids(captions)
     with torch.no_grad():
         z0 = vae.encode(images.float() / 127.5 - 1).mode() * vae.config.scale_factor
         t = torch.randint(0, 1000, (len(z0),), generator=g)
@@ -82,7 +82,7 @@ def test_denoiser_loss_falls_and_caption_dropout_uses_the_empty_prompt(tmp_path,
     before = denoiser_loss(fresh_unet, fresh_text, vae, images, captions)
     after = denoiser_loss(unet, text, vae, images, captions)
     assert after < 0.8 * before, (before, after)
-    ids, empty = train.caption_ids(captions)
+    ids, empty = train_stages.caption_ids(captions)
     assert empty.tolist()[:3] == [49406, 49407, 49407] and ids.shape == (len(captions), 77)
 
 
@@ -90,7 +90,7 @@ def test_scale_factor_whitens_the_latents(tmp_path, data):
     images, captions = data
     vae, _ = train.train_autoencoder(options(tmp_path / "vae", 5), VAE, dataset(images))
     _, _, vae, _ = train.train_denoiser(options(tmp_path, 1), vae, *fresh(), dataset(images, captions), SCHEDULE)
-    mean, std = train.encode_dataset(vae, images, "cpu")
+    mean, std = train_stages.encode_dataset(vae, images, "cpu")
     z = vae.config.scale_factor * (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)))
     assert z.std().item() == pytest.approx(1.0, abs=0.02)
 
@@ -130,12 +130,12 @@ def test_saved_model_loads_with_its_record(tmp_path, data):
 
 def test_long_captions_are_refused():
     with pytest.raises(ValueError, match="longer than 75 tokens"):
-        train.caption_ids(["word " * 80])
+        train_stages.caption_ids(["word " * 80])
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
     opts = train.RunOptions("unused", steps=1000, lr=1.0, warmup=100)
-    rates = [train.learning_rate(opts, step) for step in range(1000)]
+    rates = [train_loop.learning_rate(opts, step) for step in range(1000)]
     assert rates[0] == pytest.approx(0.01) and rates[99] == pytest.approx(1.0)
     assert rates[550] == pytest.approx(0.55, abs=0.01)  # halfway through the decay: 0.1 + 0.9 / 2
     assert rates[-1] == pytest.approx(0.1, abs=1e-4)
@@ -274,7 +274,7 @@ def test_held_out_bound_is_reported_at_every_save(tmp_path, data, capsys):
     reports = [line for line in capsys.readouterr().err.splitlines() if ": bound " in line]
     assert [r.split(":")[0] for r in reports] == ["denoiser 5", "denoiser 10"]
     assert all("bits/dim on 4 held-out images" in r for r in reports)
-    last = train.held_out_bound(unet, text, vae, SCHEDULE, "eps", *held)
+    last = train_stages.held_out_bound(unet, text, vae, SCHEDULE, "eps", *held)
     assert f"bound {last.total.mean():.4f}" in reports[-1]
 
 

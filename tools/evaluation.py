@@ -8,7 +8,7 @@ import torch
 
 from ..core.data import downsample, make_dataset
 from ..core.objective import q_sample, training_target
-from ..core.train import caption_ids, encode_dataset
+from ..core.train_stages import caption_ids, encode_dataset
 
 SCENE_SEED = 12345
 

@@ -13,6 +13,7 @@ import torch
 from .accel import channels_last, fast_network
 from .autoencoder import IdentityAutoencoder, placement
 from .denoiser import Denoiser
+from .errors import InputError
 from .likelihood import variational_bound
 from .samplers import get_sampler
 from .schedule import BETA_SCHEDULES, SPACINGS, TrainingSchedule, sampling_schedule
@@ -173,6 +174,9 @@ def sample(model, latent, positive, negative, seed, sampler_name, cfg, sigmas, g
     x = z + noise * sigma_0 for a given latent z (exact: x = x0 + sigma eps), and
     x = noise * sqrt(1 + sigma_0^2) for an empty (all-zero) latent: the marginal of unit-variance data.
     """
+    for name, value in (("cfg", cfg), ("eta", eta), ("guidance_rescale", guidance_rescale)):
+        if not math.isfinite(value):  # NaN passes every min/max check, and would be taken as eta's default
+            raise InputError(name, f"{value} is not a finite number")
     options = sampler_options(sampler_name, eta, ddpm_variance)
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed: must be in [0, 2^64 - 1], got {seed}")

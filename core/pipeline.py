@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .accel import channels_last, fast_network
-from .autoencoder import IdentityAutoencoder, placement
+from .autoencoder import TILE_ABOVE, IdentityAutoencoder, placement
 from .denoiser import Denoiser
 from .errors import InputError
 from .likelihood import variational_bound
@@ -105,17 +105,19 @@ def empty_latent(vae, width, height, batch_size):
     return torch.zeros(batch_size, vae.config.embed_dim, height // f, width // f)
 
 
-def encode_image(vae, image):
-    """IMAGE [B, H, W, 3] in 0..1 -> the posterior mean latent [B, C, H / f, W / f] (deterministic)."""
+def encode_image(vae, image, tile_above=TILE_ABOVE):
+    """IMAGE [B, H, W, 3] in 0..1 -> the posterior mean latent [B, C, H / f, W / f] (deterministic);
+    tiled when a side exceeds `tile_above` latent pixels."""
     if image.ndim != 4 or image.shape[-1] != 3:
         raise ValueError(f"image: expected [batch, height, width, 3], got {list(image.shape)}")
     device, dtype = placement(vae)
     x = image.movedim(-1, 1).to(device, dtype) * 2 - 1
     with torch.inference_mode():
-        return vae.encode(x).mode().float().cpu()
+        tiled = max(x.shape[-2:]) > tile_above * vae.config.f
+        return (vae.encode_tiled(x) if tiled else vae.encode(x)).mode().float().cpu()
 
 
-def decode_latent(vae, latent, tile_above=96):
+def decode_latent(vae, latent, tile_above=TILE_ABOVE):
     """Unscaled latent -> IMAGE [B, H, W, 3] in 0..1; tiled when a side exceeds `tile_above` latent pixels."""
     device, dtype = placement(vae)
     if device.type == "cuda":

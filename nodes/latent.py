@@ -1,4 +1,5 @@
 """LDMEmptyLatent, LDMEncodeImage, LDMDecodeLatent: between images and the autoencoder's latents."""
+from ..core.memory import check_fits
 from ..core.pipeline import decode_latent, empty_latent, encode_image
 
 
@@ -39,7 +40,9 @@ class LDMEncodeImage:
         }}
 
     def encode(self, vae, image):
-        return ({"samples": encode_image(vae.get(), image)},)
+        core = vae.get()
+        check_fits("encode", core, image.shape)
+        return ({"samples": encode_image(core, image)},)
 
 
 class LDMDecodeLatent:
@@ -57,4 +60,6 @@ class LDMDecodeLatent:
         }}
 
     def decode(self, vae, samples):
-        return (decode_latent(vae.get(), samples["samples"]),)
+        core = vae.get()
+        check_fits("decode", core, samples["samples"].shape)
+        return (decode_latent(core, samples["samples"]),)

@@ -32,6 +32,9 @@ def open_image(path, name=None, max_pixels=MAX_PIXELS):
     except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for unknown or broken files
         raise InputError(name, f"cannot read the image ({error})") from None
     width, height = image.size
+    if width == 0 or height == 0:
+        image.close()
+        raise InputError(name, f"{width} x {height} pixels: the image is empty")
     if width * height > max_pixels:
         image.close()
         raise InputError(name, f"{width} x {height} pixels is over the limit of {max_pixels:,} pixels")

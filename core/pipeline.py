@@ -15,7 +15,7 @@ from .autoencoder import TILE_ABOVE, IdentityAutoencoder, placement
 from .denoiser import Denoiser
 from .errors import InputError
 from .likelihood import variational_bound
-from .samplers import get_sampler
+from .samplers import NonFiniteError, get_sampler
 from .schedule import BETA_SCHEDULES, SPACINGS, TrainingSchedule, sampling_schedule
 from .text import CLIPTokenizer, encode_prompt
 
@@ -195,8 +195,23 @@ def sample(model, latent, positive, negative, seed, sampler_name, cfg, sigmas, g
     uncond = negative.context.to(param.device, param.dtype) if negative is not None else None
     denoiser = Denoiser(fast_network(model.network), model.schedule, model.prediction, cond, uncond, cfg, guidance_rescale)
     with torch.inference_mode():
-        x = get_sampler(sampler_name)(denoiser, x, sigmas, generator=generator, callback=callback, **options)
+        try:
+            x = get_sampler(sampler_name)(denoiser, x, sigmas, generator=generator, callback=callback, **options)
+        except NonFiniteError as error:
+            raise NonFiniteError(f"{error}. Likely cause: {_likely_cause(latent, param.dtype, cfg)}") from None
     return (x.float() / model.scale_factor).cpu()
+
+
+def _likely_cause(latent, dtype, cfg):
+    """Why sampling diverged, from what is known: the weights were found finite at load and the
+    FLOAT inputs at validation, so what remains is the input latent, the precision or the guidance."""
+    if not torch.isfinite(latent).all():
+        return "the input latent already held NaN or inf (check the node that made it)"
+    if dtype == torch.float16:
+        return "the model runs in fp16, whose range (65504) overflowed; use precision fp32 or bf16"
+    if cfg > 10:
+        return f"cfg {cfg:g} amplifies the prediction; lower it"
+    return f"the sampler diverged with finite weights and inputs in {str(dtype).removeprefix('torch.')}; try another sampler or more steps"
 
 
 def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, seed=0, progress=None):

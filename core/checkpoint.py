@@ -455,8 +455,8 @@ def builtin_path(path, name):
     return source
 
 
-# Files whose weights were all found finite: (real path, size, mtime), so a reload skips the pass.
-_finite_files = set()
+# Parts whose weights were all found finite: ((real path, size, mtime), part), so a reload skips the pass.
+_finite_parts = set()
 
 
 def _load_parts(header, wanted, dtypes, device):
@@ -464,12 +464,12 @@ def _load_parts(header, wanted, dtypes, device):
     autoencoder), or taken from the built-in file that provides them."""
     path = header.path
     identity = os.path.realpath(path), os.path.getsize(path), os.path.getmtime(path)
-    check_finite = identity not in _finite_files
     modules = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             for part in (p for p in wanted if p in header.parts):
                 stored = header.parts[part]
+                check_finite = (identity, part) not in _finite_parts
                 state = {}
                 for name, key in stored.keys.items():
                     tensor = f.get_tensor(key)
@@ -478,10 +478,9 @@ def _load_parts(header, wanted, dtypes, device):
                     state[name] = tensor.to(device, dtypes[part])
                 stored.module.load_state_dict(state, strict=True, assign=True)
                 modules[part] = stored.module
+                _finite_parts.add((identity, part))
     except SafetensorError as e:  # what the header check cannot see (the library's own rules)
         raise CheckpointError(path, f"cannot read the weights ({e})") from None
-    if check_finite and all(p in wanted for p in header.parts):
-        _finite_files.add(identity)
     for part in wanted:
         if part in header.sources:
             modules.update(_load_parts(header.sources[part], [part], dtypes, device))

@@ -195,8 +195,8 @@ def _node_problems(node_id, prompt, classes):
         elif _is_link(_inputs(node)[name]):
             problem = _link_problem(_inputs(node)[name], kind, prompt, classes)
         else:
-            problem = _value_problem(_inputs(node)[name], kind, options, name not in validated_by_node)
-            problem = problem or _finite_problem(_inputs(node)[name], kind)
+            value = _inputs(node)[name]
+            problem = _finite_problem(value, kind) or _value_problem(value, kind, options, name not in validated_by_node)
         if problem:
             errors.append(f"{_where(node_id, prompt, name)}: {problem}")
     if validated_by_node and not errors:

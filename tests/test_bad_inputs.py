@@ -197,3 +197,125 @@ def test_cli_refuses_a_bad_model_at_load_naming_the_tensor(models, tmp_path):
                      models, cwd=work)
         assert_refused(result, *BAD_MODELS[name][2])
     assert files_under(work) == set()
+
+
+# ----------------------------------------------------------------------------- workflows
+
+def workflow(path, prompt):
+    path.write_text(json.dumps(prompt))
+    return path
+
+
+def txt2img(**changes):
+    """The shipped txt2img workflow with {"node.input": value} changes."""
+    prompt = json.loads(TXT2IMG.read_text())
+    for target, value in changes.items():
+        node, name = target.split(".")
+        prompt[node]["inputs"][name] = value
+    return prompt
+
+
+@pytest.fixture
+def work(tmp_path):
+    folder = tmp_path / "work"
+    folder.mkdir()
+    return folder
+
+
+def run_refused(work, prompt_or_text, *names, extra=()):
+    path = work / "wf.json"
+    path.write_text(prompt_or_text if isinstance(prompt_or_text, str) else json.dumps(prompt_or_text))
+    result = cli("run", path, "--out", "out", *extra, cwd=work)
+    assert_refused(result, *names)
+    assert files_under(work) == {Path("wf.json")}  # nothing written, not even the output folder
+
+
+@pytest.mark.parametrize("text, names", [
+    ('{"1": {"class_type": "SaveImage", "inputs": {"filename_prefix": ' + "9" * 5000 + "}}}", ["wf.json", "digits"]),
+    ("[" * 200_000 + "]" * 200_000, ["wf.json", "nested too deeply"]),
+    ('{"1": ' * 100 + "{}" + "}" * 100, ["wf.json", "nested too deeply"]),
+], ids=["5000_digits", "200k_deep", "100_deep"])
+def test_json_beyond_the_parsers_limits_is_named(work, text, names):
+    run_refused(work, text, *names)
+
+
+def test_a_chain_of_3000_nodes_is_ordered_without_recursion(work):
+    """3,000 samplers, each refining the last one's latent: deeper than Python's recursion limit."""
+    prompt = txt2img()
+    sampler = prompt.pop("6")
+    for i in range(3000):
+        prompt[str(100 + i)] = {**sampler, "inputs": {**sampler["inputs"], "latent": [str(99 + i) if i else "5", 0]}}
+    prompt["7"]["inputs"]["samples"] = ["3099", 0]
+    order = runner.validate(prompt, out_dir=work / "out")
+    assert order[-1] == "8" and [i for i in order if int(i) >= 100] == [str(100 + i) for i in range(3000)]
+    prompt["8"]["inputs"]["filename_prefix"] = "a\0b"  # refused only after the whole chain is ordered
+    run_refused(work, prompt, "filename_prefix", "NUL")
+
+
+@pytest.mark.parametrize("name", ["cfg", "denoise", "eta", "guidance_rescale"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e400", "1" + "0" * 400],
+                         ids=["nan", "inf", "-inf", "1e400", "10^400"])
+def test_non_finite_floats_are_refused_at_validation_naming_the_input(work, name, value):
+    prompt = txt2img()
+    prompt["6"]["inputs"][name] = "PLACEHOLDER"
+    text = json.dumps(prompt).replace('"PLACEHOLDER"', value)
+    with pytest.raises(runner.ValidationError, match=rf"node 6 \(LDMSample\) input '{name}': .*not a finite number"):
+        runner.validate(json.loads(text), out_dir=work / "out")
+    if (name, value) in (("cfg", "NaN"), ("eta", "Infinity")):  # and through the command line, by --set
+        run_refused(work, txt2img(), name, "not a finite number", extra=["--set", f"6.{name}={value}"])
+
+
+def test_non_finite_floats_are_refused_inside_comfyui_too():
+    """ComfyUI's own validation lets NaN pass min/max, so sample() refuses it, naming the input."""
+    from ldm_nodes.core.pipeline import sample
+    for name in ("cfg", "eta", "guidance_rescale"):
+        options = {"cfg": 5.0, "eta": -1.0, "guidance_rescale": 0.0, name: float("nan")}
+        with pytest.raises(InputError, match=rf"^{name}: nan is not a finite number"):
+            sample(None, torch.zeros(1, 4, 8, 8), None, None, 0, "euler", options["cfg"], torch.ones(2),
+                   options["guidance_rescale"], options["eta"])
+
+
+@pytest.mark.parametrize("target, value, names", [
+    ("6.seed", 2**64, ["seed", "above the maximum"]),
+    ("6.seed", -1, ["seed", "below the minimum"]),
+    ("6.seed", 10**4000, ["seed", "digits"]),
+    ("4.steps", 10**30, ["steps", "above the maximum"]),
+    ("5.width", "x" * 1_000_000, ["width", "characters"]),
+    ("6.sampler_name", "y" * 1_000_000, ["sampler_name", "characters"]),
+    ("8.filename_prefix", "a\0b", ["filename_prefix", "NUL"]),
+    ("8.filename_prefix", "a" * 300, ["filename_prefix", "longer than"]),
+    ("8.filename_prefix", "b" * 5000, ["filename_prefix", "at most"]),
+    ("8.filename_prefix", "../../escape", ["filename_prefix", "inside the output folder"]),
+], ids=["seed_2^64", "seed_-1", "seed_4000_digits", "steps_1e30", "width_1MB_string", "sampler_1MB_string",
+        "prefix_nul", "prefix_300", "prefix_5000", "prefix_escape"])
+def test_out_of_range_values_are_refused_with_a_short_message(work, target, value, names):
+    with pytest.raises(runner.ValidationError) as refused:
+        runner.validate(txt2img(**{target: value}), out_dir=work / "out")
+    message = str(refused.value)
+    assert len(message) < 400 and all(n in message for n in names), message
+
+
+def test_cli_refuses_a_huge_integer_and_a_nul_prefix(work):
+    run_refused(work, txt2img(**{"6.seed": 10**4000}), "seed", "digits")
+    run_refused(work, txt2img(**{"8.filename_prefix": "a\0b"}), "filename_prefix", "NUL")
+
+
+def test_out_that_is_a_file_or_under_one_is_refused_before_any_node_runs(work):
+    (work / "taken").write_text("")
+    for out in ("taken", "taken/sub"):
+        result = cli("run", TXT2IMG, "--out", out, cwd=work)
+        assert_refused(result, f"--out {out}", "file")
+    (work / "out").mkdir()
+    (work / "out" / "ldm").write_text("")
+    result = cli("run", TXT2IMG, "--out", "out", "--set", "8.filename_prefix=ldm/x", cwd=work)
+    assert_refused(result, "filename_prefix", "which is a file")
+    assert files_under(work) == {Path("taken"), Path("out"), Path("out/ldm")}
+
+
+def test_a_size_beyond_memory_is_refused_before_sampling_naming_width_height_and_batch(work):
+    """4096 x 4096 at batch 16 is inside the nodes' declared maximum; its sampling would need ~130 GB."""
+    result = cli("run", TXT2IMG, "--out", "out", "--set", "5.width=4096", "--set", "5.height=4096",
+                 "--set", "5.batch_size=16", cwd=work)
+    assert_refused(result, "LDMSample", "width, height, batch_size", "4096 x 4096 at batch_size 16", "GiB",
+                   "available")
+    assert files_under(work) == set()

@@ -81,7 +81,11 @@ def _nll(args):
         device = usable_device(args.device)
         set_model_dirs(args.models_dir)
         path = resolve_model(args.model)
-        resolution = read_header(path).metadata.get("training", {}).get("resolution")
+        header = read_header(path)
+        T = header.schedule.num_timesteps
+        if not (args.steps == 0 or 2 <= args.steps <= T - 1):
+            raise ValueError(f"--steps: 0 (all {T} timesteps) or a strided estimate of 2..{T - 1}, got {args.steps}")
+        resolution = header.metadata.get("training", {}).get("resolution")
         for image in args.images:
             _check_image_header(image, resolution)
         checkpoint = load_checkpoint(path, device=device)

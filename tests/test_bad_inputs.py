@@ -319,3 +319,234 @@ def test_a_size_beyond_memory_is_refused_before_sampling_naming_width_height_and
     assert_refused(result, "LDMSample", "width, height, batch_size", "4096 x 4096 at batch_size 16", "GiB",
                    "available")
     assert files_under(work) == set()
+
+
+# ----------------------------------------------------------------------------- images
+
+def png_header_only(path, width, height):
+    """A PNG that declares width x height and holds no pixel data: only a reader that decodes would notice."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+RAMP = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+
+
+def save(path, image, **options):
+    image.save(path, **options)
+    return path
+
+
+IMAGES = {  # name -> (make(folder) -> path, expected mean grey level or RGB, has alpha)
+    "grey16.png": (lambda p: save(p, Image.fromarray(RAMP)), 0.5, False),
+    "grey16_be.tif": (lambda p: save(p, Image.frombytes("I;16B", (64, 64), RAMP.astype(">u2").tobytes())), 0.5, False),
+    "int32.tif": (lambda p: save(p, Image.fromarray(RAMP.astype(np.int32), "I")), 0.5, False),
+    "float.tif": (lambda p: save(p, Image.fromarray(np.full((64, 64), 0.25, np.float32), "F")), 0.25, False),
+    "cmyk.tif": (lambda p: save(p, Image.new("CMYK", (64, 64), (0, 0, 0, 0))), 1.0, False),
+    "la.png": (lambda p: save(p, Image.new("LA", (64, 64), (128, 255))), 128 / 255, True),
+    "one_bit.png": (lambda p: save(p, Image.new("1", (64, 64), 1)), 1.0, False),
+    "palette_transparent.png": (lambda p: save(p, Image.new("P", (64, 64), 0), transparency=0), 0.0, True),
+    "animated.gif": (lambda p: save(p, Image.new("RGB", (64, 64), (255, 255, 255)), save_all=True,
+                                    append_images=[Image.new("RGB", (64, 64), (0, 0, 0))]), 1.0, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_every_image_mode_is_read_at_its_own_bit_depth(tmp_path, name):
+    make, level, has_alpha = IMAGES[name]
+    rgb, alpha = read_image(make(tmp_path / name))
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.float32
+    assert rgb.mean() == pytest.approx(level, abs=0.01), rgb.mean()
+    assert (alpha is not None) == has_alpha
+
+
+@pytest.mark.parametrize("make, names", [
+    (lambda p: png_header_only(p / "huge.png", 10_000, 10_000), ["huge.png", "10000 x 10000", "limit"]),
+    (lambda p: png_header_only(p / "bomb.png", 60_000, 60_000), ["bomb.png", "too large"]),
+    (lambda p: png_header_only(p / "empty.png", 0, 0), ["empty.png"]),
+    (lambda p: (p / "cut.png").write_bytes((PACK / "input" / "shapes.png").read_bytes()[:300]) and p / "cut.png",
+     ["cut.png", "decode"]),
+    (lambda p: (p / "text.png").write_text("not an image") and p / "text.png", ["text.png", "cannot read"]),
+], ids=["10k_header", "decompression_bomb", "zero_size", "truncated", "not_an_image"])
+def test_bad_images_are_refused_by_name_from_their_header(tmp_path, make, names):
+    with pytest.raises(InputError) as refused:
+        read_image(make(tmp_path))
+    assert all(n in str(refused.value) for n in names), str(refused.value)
+
+
+def img2img_in(work, image_name):
+    prompt = json.loads(IMG2IMG.read_text())
+    prompt["5"]["inputs"]["image"] = image_name
+    return prompt
+
+
+def test_load_image_in_the_runner_reads_16_bit_grey_as_grey_not_white(tmp_path):
+    (tmp_path / "in").mkdir()
+    IMAGES["grey16.png"][0](tmp_path / "in" / "g.png")
+    from ldm_nodes.standins import LoadImage, Session, using
+    with using(Session(tmp_path / "out", tmp_path / "in")):
+        image, mask = LoadImage().load_image("g.png")
+    assert image.shape == (1, 64, 64, 3) and float(image.mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_cli_refuses_huge_and_escaping_images_before_any_work(work, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    png_header_only(inputs / "huge.png", 10_000, 10_000)
+    outside = png_header_only(tmp_path / "secret.png", 8, 8)
+    (inputs / "link.png").symlink_to(outside)
+    for name, names in (("huge.png", ["LoadImage", "image", "10000 x 10000"]), ("link.png", ["image", "outside"])):
+        path = workflow(work / "wf.json", img2img_in(work, name))
+        result = cli("run", path, "--out", "out", "--input-dir", inputs, cwd=work)
+        assert_refused(result, *names)
+    assert files_under(work) == {Path("wf.json")}
+
+
+def test_a_large_image_is_encoded_in_tiles_close_to_the_whole():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.5)).eval()
+    x = torch.rand(1, 3, 96, 160) * 2 - 1
+    with torch.inference_mode():
+        whole, one_tile = vae.encode(x).mean, vae.encode_tiled(x, tile=96).mean
+        tiled = vae.encode_tiled(x, tile=32, overlap=8).mean
+    assert torch.equal(one_tile, whole) and tiled.shape == whole.shape
+    assert (tiled - whole).abs().mean() < 0.1 * whole.abs().mean()
+
+
+def test_chunked_attention_equals_attention_in_one_call(monkeypatch):
+    q, k, v = torch.randn(2, 300, 64), torch.randn(2, 200, 64), torch.randn(2, 200, 64)
+    whole = attention_module.attention(q, k, v, heads=4)
+    monkeypatch.setattr(attention_module, "CHUNK_BYTES", 2 * 4 * 37 * 200 * 4)  # 37 queries per call
+    assert attention_module.query_chunk(2, 4, 300, 200, 4) == 37
+    torch.testing.assert_close(attention_module.attention(q, k, v, heads=4), whole)
+
+
+# ----------------------------------------------------------------------------- nll and prompts
+
+@pytest.mark.parametrize("args, names, code", [
+    (["--device", "bogus"], ["--device", "bogus"], 1),
+    (["--seed", "-1"], ["--seed"], 1),
+    (["--seed", str(2**64)], ["--seed"], 1),
+    (["--seed", "9" * 5000], ["--seed"], 2),
+    (["--steps", "-3"], ["--steps", "-3"], 1),
+], ids=["device", "seed_negative", "seed_2^64", "seed_5000_digits", "steps_negative"])
+def test_nll_flags_are_checked_like_run(work, args, names, code):
+    result = cli("nll", PACK / "input" / "shapes_32.png", *args, cwd=work)
+    assert_refused(result, *names, code=code) if code == 1 else assert_refused_by_argparse(result, *names)
+
+
+def assert_refused_by_argparse(result, *names):
+    assert result.code == 2 and "Traceback" not in result.err and all(n in result.err for n in names)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_nll_on_cuda_without_cuda_is_refused(work):
+    assert_refused(cli("nll", PACK / "input" / "shapes_32.png", "--device", "cuda", cwd=work), "--device", "cuda")
+
+
+def test_nll_refuses_images_from_their_header_before_decoding(work, tmp_path):
+    huge = png_header_only(tmp_path / "huge.png", 10_000, 10_000)
+    wrong = png_header_only(tmp_path / "wrong.png", 64, 48)
+    rgba = save(tmp_path / "rgba.png", Image.new("RGBA", (32, 32)))
+    for path, names in ((huge, ["huge.png", "10000 x 10000"]), (wrong, ["wrong.png", "64x48", "32x32"]),
+                        (rgba, ["rgba.png", "transparency"])):
+        assert_refused(cli("nll", path, cwd=work), *names)
+    assert files_under(work) == set()
+
+
+def test_nll_reads_a_16_bit_image_through_the_one_reader(work, tmp_path, capsys):
+    from ldm_nodes.__main__ import main
+    grey = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    Image.fromarray(np.round(grey / 257).astype(np.uint8)).convert("RGB").save(tmp_path / "g8.png")
+    assert main(["nll", str(tmp_path / "g16.png"), str(tmp_path / "g8.png"), "--steps", "4", "--json"]) == 0
+    first, second = (row["nll"] for row in json.loads(capsys.readouterr().out)["images"])
+    assert first == pytest.approx(second, rel=1e-6)  # the same picture, at 16 and at 8 bits
+
+
+@pytest.mark.parametrize("text, names", [
+    ("(red circle:1e30)", ["text", "1e+30", "red circle"]),
+    ("(red:-1e9) circle", ["text", "-1e+09"]),
+    ("(" * 150 + "x" + ")" * 150, ["text", "nested"]),
+    ("((((((((((((((((((((((((((((((((((((((((((((((((((x))))))))))))))))))))))))))))))))))))))))))))))))))",
+     ["text", "weight"]),
+    ("a " * 60_000, ["text", "characters"]),
+], ids=["1e30", "-1e9", "nesting", "emphasis_overflow", "long"])
+def test_prompt_weights_beyond_range_are_refused_naming_the_weight(text, names):
+    with pytest.raises(InputError) as refused:
+        parse_weights(text)
+    assert all(n in str(refused.value) for n in names), str(refused.value)
+
+
+def test_cli_refuses_a_huge_prompt_weight(work):
+    run_refused(work, txt2img(**{"2.text": "(red circle:1e30)"}), "LDMEncodeText", "text", "1e+30")
+
+
+def test_nan_in_sampling_names_its_likely_cause():
+    from ldm_nodes.core.pipeline import _likely_cause
+    finite, broken = torch.zeros(1, 4, 8, 8), torch.full((1, 4, 8, 8), float("nan"))
+    assert "input latent" in _likely_cause(broken, torch.float32, 5.0)
+    assert "fp16" in _likely_cause(finite, torch.float16, 5.0)
+    assert "cfg 25" in _likely_cause(finite, torch.float32, 25.0)
+    assert "another sampler" in _likely_cause(finite, torch.float32, 5.0)
+
+
+# ----------------------------------------------------------------------------- the memory estimator
+
+MEASURE = """
+import ctypes, json, sys, torch
+torch.set_num_threads(1)
+from ldm_nodes.core import memory, pipeline
+from ldm_nodes.core.checkpoint import load_checkpoint
+stage, size, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ck = load_checkpoint(sys.argv[4])
+f = ck.vae.config.f
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
+def resident():  # live memory now, with the peak reset to it
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    open("/proc/self/clear_refs", "w").write("5")
+    return status("VmRSS")
+if stage == "encode":
+    x = torch.rand(batch, size, size, 3)
+    estimate, run = memory.estimate_peak("encode", ck.vae, x.shape), lambda: pipeline.encode_image(ck.vae, x)
+elif stage == "decode":
+    z = torch.randn(batch, 4, size // f, size // f)
+    estimate, run = memory.estimate_peak("decode", ck.vae, z.shape), lambda: pipeline.decode_latent(ck.vae, z)
+else:
+    model = pipeline.DiffusionModel.from_checkpoint(ck)
+    z = torch.zeros(batch, 4, size // f, size // f)
+    c = pipeline.Conditioning(torch.randn(1, 77, ck.denoiser.config.context_dim), "")
+    estimate = memory.estimate_peak("sample", ck.denoiser, z.shape, f)
+    run = lambda: pipeline.sample(model, z, c, c, 0, "euler", 5.0, torch.tensor([14.6, 0.0], dtype=torch.float64))
+base = resident()
+run()
+print(json.dumps({"estimate": estimate, "measured": status("VmHWM") - base}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+@pytest.mark.parametrize("stage, size, batch", [("encode", 256, 1), ("sample", 256, 2), ("decode", 384, 1)])
+def test_the_estimate_is_within_a_factor_of_2_of_the_measured_peak(stage, size, batch):
+    """Measured in a fresh process: its resident memory's peak during the stage over what was live
+    before (glibc's mmap threshold fixed, so freed tensors go back to the system at once)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", MEASURE, stage, str(size), str(batch),
+                           str(PACK / "models" / "tiny-shapes.safetensors")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert 0.5 < figures["estimate"] / figures["measured"] < 2, figures
+
+
+def test_the_memory_refusal_names_the_sizes_and_both_figures(monkeypatch):
+    vae = AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1))
+    monkeypatch.setattr(memory, "available_memory", lambda device: (10 * 2**20, "RAM (test)"))
+    with pytest.raises(InputError, match=r"^width, height, batch_size: 512 x 256 at batch_size 3: encoding needs "
+                                         r"about [\d.]+ GiB and 0\.01 GiB is available \(RAM \(test\)\)"):
+        memory.check_fits("encode", vae, (3, 256, 512, 3))
+    memory.check_fits("encode", vae, (1, 8, 8, 3))  # small enough: no refusal
+    assert memory.available_memory("cpu")[0] > 0

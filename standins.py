@@ -158,6 +158,8 @@ class PreviewImage:
 
 
 def _input_file(name):
+    if "\0" in name:
+        raise ValueError("image: the name holds a NUL byte")
     root = _session.input_dir.resolve()
     path = (root / name).resolve()
     if not path.is_relative_to(root):

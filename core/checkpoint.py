@@ -156,6 +156,8 @@ def read_header(path, *, nested=False):
 
 def _read_raw(path):
     """({key: entry}, safetensors __metadata__, where the data starts), before any check of their content."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder, a pipe or a device: never opened
+        raise CheckpointError(path, "not a regular file")
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -218,6 +220,8 @@ def _check_tensors(path, tensors, start, size):
         end = stop
     if start + end > size:
         raise CheckpointError(path, f"truncated: the header describes {start + end} bytes, the file has {size}")
+    if start + end < size:
+        raise CheckpointError(path, f"{size - start - end} bytes after the last tensor's data; the file is corrupt")
 
 
 def _refuse_pickles(path, head, size):

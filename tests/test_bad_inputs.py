@@ -550,3 +550,16 @@ def test_the_memory_refusal_names_the_sizes_and_both_figures(monkeypatch):
         memory.check_fits("encode", vae, (3, 256, 512, 3))
     memory.check_fits("encode", vae, (1, 8, 8, 3))  # small enough: no refusal
     assert memory.available_memory("cpu")[0] > 0
+
+
+def test_trailing_bytes_a_pipe_and_a_nul_name_are_named(tmp_path):
+    path = model_file(tmp_path, "long.safetensors")
+    with open(path, "ab") as f:
+        f.write(b"\0" * 7)
+    with pytest.raises(ck.CheckpointError, match="7 bytes after the last tensor"):
+        ck.read_header(path)
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    with pytest.raises(ck.CheckpointError, match="not a regular file"):
+        ck.read_header(tmp_path / "pipe.safetensors")
+    with pytest.raises(runner.ValidationError, match="image: the name holds a NUL byte"):
+        runner.validate(img2img_in(tmp_path, "a\0b.png"), out_dir=tmp_path / "out", input_dir=PACK / "input")

@@ -154,7 +154,7 @@ def apply_overrides(prompt, assignments, registry=None):
     for assignment in assignments:
         problem = _apply_override(prompt, assignment, registry)
         if problem:
-            errors.append(f"--set {assignment}: {problem}")
+            errors.append(f"--set {assignment[:200]}: {problem}")
     if errors:
         raise ValidationError(errors)
     return prompt

@@ -29,6 +29,9 @@ class WorkflowError(Exception):
     """A workflow that cannot run: unreadable file, bad override, invalid graph or failing node."""
 
 
+MAX_LISTED = 50  # problems shown in a ValidationError's message (all are in .errors)
+
+
 class ValidationError(WorkflowError):
     """Every problem found before running; `errors` holds one line per problem."""
 
@@ -37,7 +40,10 @@ class ValidationError(WorkflowError):
         if len(self.errors) == 1:  # one problem, one line
             super().__init__(f"invalid workflow: {self.errors[0]}")
             return
-        super().__init__(f"invalid workflow ({len(self.errors)} problems):\n" + "\n".join("  " + e for e in self.errors))
+        shown = [f"  {e}" for e in self.errors[:MAX_LISTED]]
+        if len(self.errors) > MAX_LISTED:
+            shown.append(f"  ... and {len(self.errors) - MAX_LISTED} more")
+        super().__init__(f"invalid workflow ({len(self.errors)} problems):\n" + "\n".join(shown))
 
 
 class NodeError(WorkflowError):

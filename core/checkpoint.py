@@ -291,7 +291,11 @@ def _check_config_dict(path, name, config):
     _FLOAT_LIMITS), a short string or list of integers, a boolean or null."""
     for key, value in config.items():
         where = f"{name}.{str(key)[:40]}"
-        if isinstance(value, (list, tuple)):
+        if key in _LIMITS:
+            _check_number(path, where, value, _LIMITS[key])
+        elif key in _TUPLE_LIMITS or isinstance(value, (list, tuple)):
+            if not isinstance(value, (list, tuple)):
+                raise CheckpointError(path, f"metadata {where}: must be a list, got {str(value)[:40]}")
             if len(value) > _MAX_LEVELS:
                 raise CheckpointError(path, f"metadata {where}: {len(value)} entries; at most {_MAX_LEVELS}")
             for item in value:
@@ -305,7 +309,7 @@ def _check_config_dict(path, name, config):
                 raise CheckpointError(path, f"metadata {where}: must be a number above {lo} and below {hi:g}, "
                                             f"got {str(value)[:40]}")
         elif value is not None and not isinstance(value, bool):
-            _check_number(path, where, value, _LIMITS.get(key, _WIDTH_LIMIT))
+            _check_number(path, where, value, _WIDTH_LIMIT)
 
 
 def _check_number(path, where, value, bounds):
@@ -402,8 +406,8 @@ def _build_parts(header):
         try:
             with torch.device("meta"), _SkipRandomInit():
                 module = cls(config)
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise CheckpointError(path, f"{label}: its config cannot be built ({e})") from None
+        except (ValueError, TypeError, RuntimeError, IndexError, ZeroDivisionError) as e:
+            raise CheckpointError(path, f"{label}: its config cannot be built ({type(e).__name__}: {e})") from None
         check_layout(path, label, module, shapes)
         parts[part] = Part(label, names, module)
     return parts

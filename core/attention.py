@@ -7,12 +7,15 @@ Long sequences are chunked: when the scores of one call would exceed CHUNK_BYTES
 split into chunks whose scores fit, so memory grows linearly in the sequence instead of
 quadratically (the fused kernel is not always chosen: on the CPU a single 64-wide head, as in the
 autoencoder's mid block, takes the path that materialises all N x M scores). Each query's softmax
-runs over all keys either way, so chunking gives the same result.
+runs over all keys either way, so chunking gives the same result. On CUDA, heads up to
+FUSED_HEAD_WIDTH wide always run in one call: the fused kernels there never hold the scores, and
+splitting them would only cost speed.
 """
 import torch
 import torch.nn.functional as F
 
 CHUNK_BYTES = 32 * 2**20  # the largest score matrix [B, heads, chunk, M] one call may hold
+FUSED_HEAD_WIDTH = 128
 
 
 def attention(q, k, v, heads, *, causal=False):
@@ -25,7 +28,7 @@ def attention(q, k, v, heads, *, causal=False):
     d = width // heads
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
     chunk = query_chunk(b, heads, n, k.shape[2], q.element_size())
-    if causal or chunk >= n:
+    if causal or chunk >= n or (q.is_cuda and d <= FUSED_HEAD_WIDTH):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
         out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v) for i in range(0, n, chunk)], 2)

@@ -15,7 +15,8 @@ positions and s bytes per element (the module's dtype):
   attention          q, k, v, the output and the residual (5 * B * P * C * s) plus the scores and
                      their softmax, 2 * B * heads * chunk * M * s, where chunk is the number of
                      queries per call that core/attention.py picks (all P, or fewer for long
-                     sequences, so this term is bounded by 2 * attention.CHUNK_BYTES)
+                     sequences, so this term is bounded by 2 * attention.CHUNK_BYTES; CUDA's fused
+                     kernels hold no scores, so there it is an over-estimate of at most that much)
   feed-forward       the hidden layer: 3 * B * P * hidden * s (projection, activation, product)
 Sampling runs the network on 2B images (the conditional and unconditional halves of guidance in
 one call). The autoencoder's stages are tiled above TILE_ABOVE latent pixels a side

@@ -175,42 +175,56 @@ def _run(args):
 
 def _nll(args):
     import json
+    import math
 
-    import numpy as np
     import torch
 
-    from .core.checkpoint import load_checkpoint
+    from .core.checkpoint import load_checkpoint, read_header
+    from .core.images import read_image
     from .core.pipeline import DiffusionModel, likelihood
     from .core.text import CLIPTokenizer, encode_prompt
     from .model_paths import resolve_model, set_model_dirs
+    from .runner import usable_device
 
-    try:
+    try:  # every check that needs no weights first: flags, the model's header, the images' headers
         missing = [d for d in args.models_dir if not Path(d).is_dir()]
         if missing:
             raise ValueError(f"--models-dir {missing[0]}: no such folder")
+        if not 0 <= args.seed < 2**64:
+            raise ValueError(f"--seed: must be in [0, 2^64 - 1], got {args.seed}")
+        device = usable_device(args.device)
         set_model_dirs(args.models_dir)
-        checkpoint = load_checkpoint(resolve_model(args.model), device=args.device)
+        path = resolve_model(args.model)
+        header = read_header(path)
+        T = header.schedule.num_timesteps
+        if not (args.steps == 0 or 2 <= args.steps <= T - 1):
+            raise ValueError(f"--steps: 0 (all {T} timesteps) or a strided estimate of 2..{T - 1}, got {args.steps}")
+        resolution = header.metadata.get("training", {}).get("resolution")
+        for image in args.images:
+            _check_image_header(image, resolution)
+        checkpoint = load_checkpoint(path, device=device)
         model = DiffusionModel.from_checkpoint(checkpoint)
         context = None
         if args.prompt is not None:
             with torch.inference_mode():
                 context = encode_prompt(CLIPTokenizer(), checkpoint.text_encoder, args.prompt)
-        images = [_read_rgb(path) for path in args.images]
-    except ValueError as error:  # CheckpointError is one
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        images = [read_image(image)[0] for image in args.images]
+    except ValueError as error:  # InputError and CheckpointError are ValueErrors
+        return _fail(error)
     unit = "bits/dim" if model.pixel_space else "nats/dim (latent)"
     print(f"unit: {unit} ({'8-bit pixels' if model.pixel_space else 'the scaled latent of the autoencoder'}), "
           f"model {args.model}, {'all timesteps' if not args.steps else f'{args.steps} sampled timesteps'}",
           file=sys.stderr)
     results = []
     for path, pixels in zip(args.images, images):
-        image = torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255)[None]
+        image = torch.from_numpy(pixels)[None]
         try:
             bound = likelihood(model, checkpoint.vae, image, context, args.variance, args.steps, args.seed)
-        except ValueError as error:
-            print(f"error: {path}: {error}", file=sys.stderr)
-            return 1
+            if not math.isfinite(float(bound.total[0])):
+                raise FloatingPointError(f"the bound is {float(bound.total[0])}: the model's output is not finite "
+                                         "for this image")
+        except (ValueError, FloatingPointError) as error:
+            return _fail(f"{path}: {error}")
         per_dim = bound.nats[0] / bound.total[0]  # nats per image -> the unit
         row = {"image": path, "nll": float(bound.total[0]), "prior": float(bound.prior[0] / per_dim),
                "decoder": float(bound.decoder[0] / per_dim), "nats": float(bound.nats[0])}
@@ -225,21 +239,25 @@ def _nll(args):
     return 0
 
 
-def _read_rgb(path):
-    """An 8-bit RGB image; palette and grey images are widened, anything with alpha or more bits refused."""
-    from PIL import Image
+def _check_image_header(path, resolution):
+    """Refuse from the image file's header, before decoding it: transparency, or a size other than the
+    model's training size (when its file says)."""
+    from .core.images import open_image
 
-    try:
-        image = Image.open(path)
-        image.load()
-    except OSError as error:
-        raise ValueError(f"{path}: cannot read the image ({error})") from None
-    if image.mode not in ("RGB", "L", "P"):
-        raise ValueError(f"{path}: mode {image.mode}; the bound is defined for 8-bit RGB images "
-                         "(convert it to RGB without alpha first)")
-    if image.mode == "P" and "transparency" in image.info:
-        raise ValueError(f"{path}: a palette image with transparency; convert it to RGB first")
-    return image.convert("RGB")
+    with open_image(path) as image:
+        if "A" in image.getbands() or "transparency" in image.info:
+            raise ValueError(f"{path}: mode {image.mode} has transparency; the bound is defined for RGB images "
+                             "(convert it to RGB without alpha first)")
+        width, height = image.size
+        if resolution and (width, height) != (resolution, resolution):
+            raise ValueError(f"{path}: {width}x{height}, but this model was trained on {resolution}x{resolution} "
+                             "images; resize it")
+
+
+def _fail(error):
+    """A refused input: one line on stderr, exit status 1."""
+    print(f"error: {error}", file=sys.stderr)
+    return 1
 
 
 def main(argv=None):

@@ -130,16 +130,16 @@ def parse_schedule_query(query):
 
 
 def model_schedule(ckpt_name):
-    """The training schedule in a model file's header (never its weights), with the loader's name checks."""
+    """The training schedule in a model file's header (never its weights), with the loader's name and header checks."""
     try:
         path = model_paths.resolve_model(ckpt_name)
     except ValueError as e:
         message = str(e)
         raise BadRequest(message if message.startswith("ckpt_name") else f"ckpt_name: {message}") from None
-    try:
-        return checkpoint.training_schedule_of(path)
-    except (ValueError, TypeError) as e:  # CheckpointError, or metadata that TrainingSchedule refuses
-        raise BadRequest(f"ckpt_name: {ckpt_name!r} has no usable schedule: {e}") from None
+    try:  # the loader's own header validator: a file the loader refuses is refused here too
+        return checkpoint.read_header(path).schedule
+    except checkpoint.CheckpointError as e:
+        raise BadRequest(f"ckpt_name: {ckpt_name!r} cannot be used: {e}") from None
 
 
 def _finite_or_none(values):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .core.errors import InputError
 from .core.progress import TextProgress
 from .nodes import NODE_CLASS_MAPPINGS, host
 from .standins import STAND_INS, Session, using
@@ -64,14 +65,22 @@ def device():
     return _host.torch_device
 
 
-def set_device(name):
-    """Use torch device `name` ("cpu", "cuda", "cuda:1", "mps", ...); WorkflowError if it cannot be used."""
+def usable_device(name):
+    """torch.device(name) once a tensor can be made on it; InputError naming --device otherwise."""
     try:
         chosen = torch.device(name)
         torch.empty(0, device=chosen)
-    except (RuntimeError, AssertionError) as error:
-        raise WorkflowError(f"device {name!r} cannot be used: {error}") from error
-    _host.torch_device = chosen
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise InputError("--device", f"device {name[:80]!r} cannot be used: {str(error).splitlines()[0][:200]}") from None
+    return chosen
+
+
+def set_device(name):
+    """Use torch device `name` ("cpu", "cuda", "cuda:1", "mps", ...); WorkflowError if it cannot be used."""
+    try:
+        _host.torch_device = usable_device(name)
+    except InputError as error:
+        raise WorkflowError(str(error)) from None
 
 
 def progress(value, total):
@@ -82,16 +91,44 @@ def progress(value, total):
 
 # ----------------------------------------------------------------------------- reading and overriding
 
+MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_JSON_DEPTH = 64  # a workflow is about 5 levels deep: nodes, a node, its inputs, a link or a value's list
+
+
 def read_json(path):
-    """The JSON value in file `path`; WorkflowError naming the file (and the line and column)."""
+    """The JSON value in file `path`; WorkflowError naming the file (and the line and column).
+
+    Refused by name: a file over MAX_JSON_BYTES, an integer beyond Python's digit limit, and nesting
+    deeper than MAX_JSON_DEPTH (checked without recursion, so copying or walking it later is safe)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        if Path(path).stat().st_size > MAX_JSON_BYTES:
+            raise WorkflowError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MB; not a workflow")
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
-        raise WorkflowError(f"{path}: cannot read: {error.strerror or error}") from error
+        raise WorkflowError(f"{path}: cannot read: {error.strerror or error}") from None
     except json.JSONDecodeError as error:
-        raise WorkflowError(f"{path}: not valid JSON: line {error.lineno} column {error.colno}: {error.msg}") from error
+        raise WorkflowError(f"{path}: not valid JSON: line {error.lineno} column {error.colno}: {error.msg}") from None
     except UnicodeDecodeError as error:
-        raise WorkflowError(f"{path}: not UTF-8 text: {error}") from error
+        raise WorkflowError(f"{path}: not UTF-8 text: {error}") from None
+    except RecursionError:
+        raise WorkflowError(f"{path}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
+    except ValueError as error:  # an integer of more digits than int() converts
+        raise WorkflowError(f"{path}: not usable JSON: {error}") from None
+    if _depth_over(value, MAX_JSON_DEPTH):
+        raise WorkflowError(f"{path}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    return value
+
+
+def _depth_over(value, limit):
+    """Whether lists and objects in `value` nest deeper than `limit` (iteratively)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def load_workflow(path):
@@ -117,7 +154,7 @@ def apply_overrides(prompt, assignments, registry=None):
     for assignment in assignments:
         problem = _apply_override(prompt, assignment, registry)
         if problem:
-            errors.append(f"--set {assignment}: {problem}")
+            errors.append(f"--set {assignment[:200]}: {problem}")
     if errors:
         raise ValidationError(errors)
     return prompt
@@ -144,7 +181,9 @@ def _apply_override(prompt, assignment, registry):
 def _parse_override(text, kind):
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON (or digits or nesting beyond the limits): plain text
+        return text
+    if _depth_over(value, MAX_JSON_DEPTH):
         return text
     if isinstance(value, list) or not (kind == "STRING" or isinstance(kind, list)):
         return value
@@ -156,6 +195,7 @@ def _parse_override(text, kind):
 def validate(prompt, registry=None, *, out_dir="output", input_dir="input"):
     """The ids of the nodes to execute, in order; ValidationError listing every problem otherwise."""
     registry = default_registry() if registry is None else registry
+    _check_out_dir(out_dir)
     with using(Session(Path(out_dir), Path(input_dir), prompt)):
         return validate_graph(prompt, registry)
 
@@ -167,12 +207,24 @@ def run(prompt, registry=None, *, out_dir="output", input_dir="input", workflow=
     `workflow` (the UI-format graph) is embedded in saved PNGs beside the prompt, as ComfyUI does.
     """
     registry = default_registry() if registry is None else registry
+    _check_out_dir(out_dir)
     with using(Session(Path(out_dir), Path(input_dir), prompt, _extra_pnginfo(workflow))) as current:
         order = validate_graph(prompt, registry)
         results, ui = {}, {}
         for node_id in order:
             results[node_id], ui[node_id] = _run_node(node_id, prompt[node_id], registry, results)
         return _written_files(ui, current)
+
+
+def _check_out_dir(out_dir):
+    """The output folder, or the nearest of its parents that exists, must be a folder (before any node runs)."""
+    folder = Path(out_dir)
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "is a file" if existing == folder else f"is under {existing}, which is a file"
+                raise ValidationError([f"--out {out_dir}: {where}, not a folder"])
+            return
 
 
 def _extra_pnginfo(workflow):

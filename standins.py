@@ -73,14 +73,28 @@ def _check(function, *args):
     return True
 
 
+MAX_PREFIX_BYTES = 200  # each part of the prefix, so "<part>_00001_.png" stays within a file system's 255
+MAX_PREFIX_LENGTH = 1024
+
+
 def _save_target(root, filename_prefix):
-    """(folder, file name prefix, subfolder) for a SaveImage prefix; ValueError if it leaves `root`."""
+    """(folder, file name prefix, subfolder) for a SaveImage prefix; ValueError if it leaves `root`,
+    holds a NUL byte, or has a part too long for a file name."""
+    if "\0" in filename_prefix:
+        raise ValueError("filename_prefix: holds a NUL byte")
+    if len(filename_prefix) > MAX_PREFIX_LENGTH:
+        raise ValueError(f"filename_prefix: {len(filename_prefix)} characters; at most {MAX_PREFIX_LENGTH}")
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_PREFIX_BYTES for part in re.split(r"[\\/]", filename_prefix)):
+        raise ValueError(f"filename_prefix: a folder or file name in it is longer than {MAX_PREFIX_BYTES} bytes")
     relative = os.path.normpath(filename_prefix)
     subfolder, name = os.path.split(relative)
     root = Path(root).resolve()
     folder = (root / subfolder).resolve()
     if not folder.is_relative_to(root) or name in ("", ".", ".."):
         raise ValueError(f"filename_prefix: {filename_prefix!r} must name files inside the output folder {root}")
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"filename_prefix: {filename_prefix!r} needs the folder {blocking}, which is a file")
     return folder, name, subfolder.replace(os.sep, "/")
 
 
@@ -148,6 +162,8 @@ class PreviewImage:
 
 
 def _input_file(name):
+    if "\0" in name:
+        raise ValueError("image: the name holds a NUL byte")
     root = _session.input_dir.resolve()
     path = (root / name).resolve()
     if not path.is_relative_to(root):

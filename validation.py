@@ -6,7 +6,9 @@ output nodes (OUTPUT_NODE = True) need are validated and executed, each once, in
 and a workflow without an output node is refused. A list value is a link [node_id, output_index];
 links are type-checked as ComfyUI does (equal, "*", or overlapping comma-separated names). Widget
 values are checked for type (INT, FLOAT, BOOLEAN, STRING; stricter than ComfyUI, which would
-coerce "12" to 12), min/max and COMBO membership, except for the inputs a VALIDATE_INPUTS
+coerce "12" to 12), finiteness (a FLOAT that is NaN or inf is refused even where a VALIDATE_INPUTS
+takes it: every comparison with NaN is false, so no min/max would catch it), min/max and COMBO
+membership, except for the inputs a VALIDATE_INPUTS
 classmethod takes, which ComfyUI leaves to it (linked ones arrive as None); a string it returns is
 an error, and it should name the input in it ("ckpt_name: ..."). Input names a class does not
 declare are ignored; optional inputs are passed only when given; hidden inputs PROMPT,
@@ -15,6 +17,7 @@ Unlike ComfyUI, which still runs the outputs that validate, any problem stops th
 a link from an undeclared input does not make its source run.
 """
 import inspect
+import math
 
 from .standins import session
 
@@ -26,13 +29,21 @@ class WorkflowError(Exception):
     """A workflow that cannot run: unreadable file, bad override, invalid graph or failing node."""
 
 
+MAX_LISTED = 50  # problems shown in a ValidationError's message (all are in .errors)
+
+
 class ValidationError(WorkflowError):
     """Every problem found before running; `errors` holds one line per problem."""
 
     def __init__(self, errors):
         self.errors = list(errors)
-        count = f"{len(self.errors)} problem" + ("s" if len(self.errors) > 1 else "")
-        super().__init__(f"invalid workflow ({count}):\n" + "\n".join("  " + e for e in self.errors))
+        if len(self.errors) == 1:  # one problem, one line
+            super().__init__(f"invalid workflow: {self.errors[0]}")
+            return
+        shown = [f"  {e}" for e in self.errors[:MAX_LISTED]]
+        if len(self.errors) > MAX_LISTED:
+            shown.append(f"  ... and {len(self.errors) - MAX_LISTED} more")
+        super().__init__(f"invalid workflow ({len(self.errors)} problems):\n" + "\n".join(shown))
 
 
 class NodeError(WorkflowError):
@@ -132,7 +143,11 @@ def _known_classes(prompt, registry):
 
 
 def _id_order(node_id):
-    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+    """Numeric ids first, in numeric order (compared as digit strings: no int() of a huge id), then the rest."""
+    if node_id.isascii() and node_id.isdigit():
+        digits = node_id.lstrip("0")
+        return (0, len(digits), digits)
+    return (1, 0, node_id)
 
 
 def _links(node, cls):
@@ -142,23 +157,31 @@ def _links(node, cls):
 
 
 def _execution_order(outputs, prompt, classes):
-    """Depth-first from the output nodes: (the nodes they need, dependencies first; cycle errors)."""
+    """Depth-first from the output nodes: (the nodes they need, dependencies first; cycle errors).
+
+    Iterative, with an explicit stack, so a chain of thousands of nodes needs no recursion."""
     order, state, errors = [], {}, []
-
-    def visit(node_id, path):  # path: the nodes from an output down to node_id
-        state[node_id] = "open"
-        for name, source in _links(prompt[node_id], classes[node_id]):
-            if state.get(source) == "open":
-                cycle = " -> ".join(path[path.index(source):] + [source])
-                errors.append(f"{_where(node_id, prompt, name)}: dependency cycle {cycle}")
-            elif source in classes and source not in state:
-                visit(source, path + [source])
-        state[node_id] = "done"
-        order.append(node_id)
-
-    for node_id in outputs:
-        if node_id not in state:
-            visit(node_id, [node_id])
+    for output in outputs:
+        if output in state:
+            continue
+        state[output] = "open"
+        path = [output]  # the nodes from the output down to the one on top of the stack
+        stack = [iter(_links(prompt[output], classes[output]))]
+        while stack:
+            node_id = path[-1]
+            for name, source in stack[-1]:
+                if state.get(source) == "open":
+                    cycle = " -> ".join(path[path.index(source):] + [source])
+                    errors.append(f"{_where(node_id, prompt, name)}: dependency cycle {cycle}")
+                elif source in classes and source not in state:
+                    state[source] = "open"
+                    path.append(source)
+                    stack.append(iter(_links(prompt[source], classes[source])))
+                    break
+            else:
+                stack.pop()
+                state[path.pop()] = "done"
+                order.append(node_id)
     return order, errors
 
 
@@ -178,7 +201,8 @@ def _node_problems(node_id, prompt, classes):
         elif _is_link(_inputs(node)[name]):
             problem = _link_problem(_inputs(node)[name], kind, prompt, classes)
         else:
-            problem = _value_problem(_inputs(node)[name], kind, options, name not in validated_by_node)
+            value = _inputs(node)[name]
+            problem = _finite_problem(value, kind) or _value_problem(value, kind, options, name not in validated_by_node)
         if problem:
             errors.append(f"{_where(node_id, prompt, name)}: {problem}")
     if validated_by_node and not errors:
@@ -188,7 +212,7 @@ def _node_problems(node_id, prompt, classes):
 
 def _link_problem(link, kind, prompt, classes):
     if len(link) != 2 or not isinstance(link[0], (str, int)) or type(link[1]) is not int:
-        return f"bad link {link!r}: expected [node_id, output_index]"
+        return f"bad link {_short(link)}: expected [node_id, output_index]"
     source, index = str(link[0]), link[1]
     if source not in prompt:
         return f"links to node {source}, which is not in the workflow"
@@ -216,22 +240,41 @@ def _types_match(received, expected):
 def _value_problem(value, kind, options, check_limits):
     combo = _combo_options(kind, options)
     if combo is not None:
-        return None if not check_limits or value in combo else f"{value!r} is not one of {_shorten(combo)}"
+        return None if not check_limits or value in combo else f"{_short(value)} is not one of {_shorten(combo)}"
     if kind == "*":
         return None
     if kind not in PRIMITIVES:
-        return f"must be linked to an output of type {kind}, not set to {value!r}"
+        return f"must be linked to an output of type {kind}, not set to {_short(value)}"
     types, description = PRIMITIVES[kind]
     if not isinstance(value, types) or (isinstance(value, bool) and kind != "BOOLEAN"):
-        return f"expects {description}, got {value!r}"
+        return f"expects {description}, got {_short(value)}"
     return _range_problem(value, options) if check_limits and kind in ("INT", "FLOAT") else None
+
+
+def _finite_problem(value, kind):
+    """A FLOAT must be a finite number (JSON's NaN and Infinity parse, and 1e400 overflows to inf)."""
+    if kind != "FLOAT" or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        finite = math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    return None if finite else f"{_short(value)} is not a finite number"
+
+
+def _short(value, limit=80):
+    """repr(value) cut to `limit` characters, so a huge input does not make a huge message."""
+    if isinstance(value, int) and value.bit_length() > 3 * limit:  # repr of a huge int is slow, or refused
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _range_problem(value, options):
     if "min" in options and value < options["min"]:
-        return f"{value} is below the minimum {options['min']}"
+        return f"{_short(value)} is below the minimum {options['min']}"
     if "max" in options and value > options["max"]:
-        return f"{value} is above the maximum {options['max']}"
+        return f"{_short(value)} is above the maximum {options['max']}"
     return None
 
 

@@ -13,6 +13,12 @@ Latents here are *unscaled*: the caller multiplies by `config.scale_factor` befo
 
 `IdentityAutoencoder` is the pixel-space special case (f = 1, z = x), so pixel diffusion runs through
 the same nodes, trainer and samplers.
+
+Large images are encoded and decoded in overlapping tiles (`encode_tiled`, `decode_tiled`) of TILE
+latent pixels a side, above TILE_ABOVE, so their memory is that of one tile (core/memory.py).
+
+Why this file is long: the autoencoder's modules, its SD-compatible config inference and the tiling
+that bounds its memory belong to one model, whose names the checkpoint layout fixes.
 """
 import itertools
 import math
@@ -25,6 +31,9 @@ from torch import nn
 
 from .attention import attention
 from .norm import group_norm
+
+TILE, TILE_OVERLAP = 64, 16  # latent pixels: a tile's side, and how far neighbouring tiles overlap
+TILE_ABOVE = 96  # latents (and images of f times as many pixels) larger than this a side are tiled
 
 
 @dataclass
@@ -312,6 +321,24 @@ class AutoencoderKL(nn.Module):
         """Unscaled latent [B, embed_dim, h, w] -> image [B, 3, f*h, f*w], roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
+    def encode_tiled(self, x, tile=TILE, overlap=TILE_OVERLAP):
+        """encode() in overlapping tiles of at most tile x tile latent pixels (f times as many image
+        pixels), to bound memory on large images; the posterior's moments are cross-faded across each
+        overlap with the weights decode_tiled uses (f = 1: they blend latent pixels). One tile is
+        exactly encode(); otherwise close, for the reasons decode_tiled gives."""
+        if not 0 < overlap < tile:
+            raise ValueError(f"encode_tiled needs 0 < overlap < tile, got overlap {overlap} and tile {tile}")
+        f = self.config.f
+        if x.shape[-2] % f or x.shape[-1] % f:
+            return self.encode(x)  # its own error names the size
+        b, _, height, width = x.shape
+        moments = x.new_zeros(b, 2 * self.config.embed_dim, height // f, width // f)
+        for y0, wy in blend_weights(height // f, tile, overlap, 1):
+            for x0, wx in blend_weights(width // f, tile, overlap, 1):
+                part = self.quant_conv(self.encoder(x[:, :, f * y0:f * (y0 + len(wy)), f * x0:f * (x0 + len(wx))]))
+                moments[:, :, y0:y0 + len(wy), x0:x0 + len(wx)] += part * (wy[:, None] * wx[None, :]).to(part.dtype)
+        return DiagonalGaussian(moments)
+
     def decode_tiled(self, z, tile=64, overlap=16):
         """decode() in overlapping latent tiles of at most tile x tile, to bound memory on large images.
 
@@ -382,6 +409,9 @@ class IdentityAutoencoder(nn.Module):
 
     def decode(self, z):
         return z
+
+    def encode_tiled(self, x, tile=TILE, overlap=TILE_OVERLAP):
+        return self.encode(x)
 
     def decode_tiled(self, z, tile=64, overlap=16):
         return z

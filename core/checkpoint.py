@@ -9,22 +9,37 @@ configs, the training schedule, the prediction type and the tokenizer's identity
 shapes cannot tell comes from there, else from the family's defaults (SD1.x: 8 heads, eps,
 scaled_linear 0.00085..0.012).
 
+`read_header(path)` is the one header validator (the loader, `nll`, `train --init` and the
+GET /ldm/schedule route all use it): from the header alone, never the weights, it checks the file's
+structure (each tensor's dtype, shape and data offsets, which must tile the data exactly), every
+metadata field against its type and bound (timesteps, channels, widths, depths, vocabulary: a
+number read from a file never sizes an allocation unchecked), and the parts' layout against the
+modules their configs build on the meta device. It returns a `Header` holding what it learnt, and
+the loader reads the weights into those same meta modules, so a file's header is parsed once per
+load. Any refusal is a CheckpointError (an InputError) naming the file and the field or tensor.
+
 Only safetensors is read. Pickled files (.ckpt, .pt, .bin) are refused without being opened by
 pickle: unpickling runs arbitrary code.
+
+Why this file is long: the header validator's rules (structure, metadata bounds, layout) and the
+loader that relies on them are one contract; split, each half would restate the other's assumptions.
 """
 import json
+import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .autoencoder import (AutoencoderKL, IdentityAutoencoder, IdentityConfig,
                           autoencoder_config_from_dict, infer_autoencoder_config)
-from .schedule import TrainingSchedule
+from .denoiser import PREDICTIONS
+from .errors import InputError
+from .schedule import BETA_SCHEDULES, TrainingSchedule
 from .text import CLIPTextConfig, CLIPTextModel, infer_text_config
 from .transformer import TransformerConfig, TransformerModel, infer_transformer_config
 from .unet import UNetConfig, UNetModel, infer_unet_config
@@ -56,14 +71,33 @@ _SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alp
                      "posterior_mean_coef1", "posterior_mean_coef2", "model_ema.decay", "model_ema.num_updates"}
 _HEADER_LIMIT = 100 * 1024 * 1024
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# safetensors dtypes -> bytes per element; the parts' weights must be one of the floating ones.
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_FLOATING = {"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"}
+_MAX_DIMS = 8
+_MAX_TENSORS = 65536  # SDXL holds about 2,500
+
+# Bounds of the numbers a file's metadata may hold, by field name: (lowest, highest). Channel counts,
+# widths and head counts not named here share _WIDTH_LIMIT; counts of repeated blocks are kept small
+# because each one is a module built in Python before the layout check can compare it with the file.
+_WIDTH_LIMIT = (0, 65536)
+_LIMITS = {"num_timesteps": (2, 100_000), "vocab_size": (1, 1_000_000), "max_positions": (1, 8192),
+           "num_res_blocks": (0, 32), "transformer_depth": (1, 64), "depth": (1, 256), "layers": (1, 256),
+           "patch_size": (1, 64), "base_size": (1, 16384), "frequency_dim": (2, 65536), "format": (1, FORMAT_VERSION),
+           "resolution": (1, 16384), "channels": (1, 64)}
+_FLOAT_LIMITS = {"scale_factor": (0, 1e4), "beta_start": (0, 1), "beta_end": (0, 1), "mlp_ratio": (0, 64),
+                 "interpolation_scale": (0, 1e4)}  # exclusive bounds
+_TUPLE_LIMITS = {"channel_mult": (1, 64), "ch_mult": (1, 64), "attention_levels": (0, 15), "attn_levels": (0, 15)}
+_MAX_LEVELS = 8
+_STRING_LIMIT = 1024
 
 
-class CheckpointError(ValueError):
-    """A model file that cannot be used, with the file and the reason in the message."""
+class CheckpointError(InputError):
+    """A model file that cannot be used: the file is the input named, the reason says which field or tensor."""
 
     def __init__(self, path, problem):
-        super().__init__(f"{os.fspath(path)}: {problem}")
+        super().__init__(os.fspath(path), problem)
 
 
 @dataclass
@@ -79,9 +113,51 @@ class Checkpoint:
     resolution: int = None  # the image size it was trained on, when its training record says
 
 
-def read_header(path):
-    """The safetensors header: ({key: {"dtype", "shape", "data_offsets"}}, metadata dict).
-    Reads only the header, never the weights; refuses pickles before anything else."""
+@dataclass
+class Part:
+    """One part stored in a file: its label in messages, its keys ({name in the module: key in the
+    file}) and the module its config builds, on the meta device until the loader fills it."""
+
+    label: str
+    keys: dict
+    module: torch.nn.Module
+
+
+@dataclass
+class Header:
+    """What a file's header says, validated (see `read_header`)."""
+
+    path: str
+    tensors: dict  # key -> {"dtype", "shape", "data_offsets"}
+    metadata: dict  # our JSON metadata ({} for files that are not ours)
+    schedule: TrainingSchedule
+    prediction: str
+    parts: dict = field(default_factory=dict)  # part -> Part, for the parts the file stores
+    sources: dict = field(default_factory=dict)  # part -> Header of the built-in file that provides it
+
+
+def read_header(path, *, nested=False):
+    """The validated header of a model file: a Header, or CheckpointError naming the file and the field.
+
+    Reads only the header, never the weights; refuses pickles before anything else. The built-in
+    files named by "parts_from" are read too (one level: `nested` is set for them)."""
+    tensors, raw_metadata, data_start = _read_raw(path)
+    _check_tensors(path, tensors, data_start, os.path.getsize(path))
+    metadata = _our_metadata(path, raw_metadata)
+    schedule = _check_metadata(path, metadata)
+    header = Header(os.fspath(path), tensors, metadata, schedule, metadata.get("prediction", SD1_PREDICTION))
+    shared = metadata.get("parts_from", {})
+    if nested and shared:
+        raise CheckpointError(path, "provides parts to another file but takes them from elsewhere itself")
+    header.parts = _build_parts(header)
+    header.sources = {part: read_header(builtin_path(path, name), nested=True) for part, name in shared.items()}
+    return header
+
+
+def _read_raw(path):
+    """({key: entry}, safetensors __metadata__, where the data starts), before any check of their content."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder, a pipe or a device: never opened
+        raise CheckpointError(path, "not a regular file")
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -95,17 +171,57 @@ def read_header(path):
             raw = (head[8:] + f.read(max(n - 1, 0)))[:n]
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"corrupt safetensors header ({e})") from None
+    header = _json(path, raw, "safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(path, "corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(path, f"truncated: the header describes {8 + n + end} bytes, the file has {size}")
-    return header, metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(path, "__metadata__: must map names to strings")
+    if len(header) > _MAX_TENSORS:
+        raise CheckpointError(path, f"{len(header)} tensors; at most {_MAX_TENSORS:,} are read")
+    return header, metadata, 8 + n
+
+
+def _json(path, raw, what):
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(path, f"corrupt {what} ({e})") from None
+    except (ValueError, RecursionError) as e:  # an integer beyond Python's digit limit; nesting too deep
+        raise CheckpointError(path, f"corrupt {what} ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def _check_tensors(path, tensors, start, size):
+    """Every entry is {dtype, shape, data_offsets} with a known dtype, a size that matches its
+    offsets, and offsets that tile the data without gap or overlap, inside the file."""
+    spans = []
+    for key, entry in tensors.items():
+        if not isinstance(entry, dict):
+            raise CheckpointError(path, f"tensor {key!r}: its header entry is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in _ITEMSIZE:
+            raise CheckpointError(path, f"tensor {key!r}: unknown dtype {dtype!r:.40}")
+        if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
+                or not all(type(d) is int and 0 <= d < 2**48 for d in shape)):
+            raise CheckpointError(path, f"tensor {key!r}: shape must be a list of at most {_MAX_DIMS} sizes, "
+                                        f"got {str(shape)[:80]}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int and 0 <= o < 2**63 for o in offsets) or offsets[0] > offsets[1]):
+            raise CheckpointError(path, f"tensor {key!r}: data_offsets must be [begin, end], got {str(offsets)[:80]}")
+        if offsets[1] - offsets[0] != math.prod(shape) * _ITEMSIZE[dtype]:
+            raise CheckpointError(path, f"tensor {key!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} "
+                                        f"bytes, but shape {shape} of {dtype} needs {math.prod(shape) * _ITEMSIZE[dtype]}")
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            problem = "overlap the tensor before it" if begin < end else "leave a gap after the tensor before it"
+            raise CheckpointError(path, f"tensor {key!r}: data_offsets [{begin}, {stop}] {problem}")
+        end = stop
+    if start + end > size:
+        raise CheckpointError(path, f"truncated: the header describes {start + end} bytes, the file has {size}")
+    if start + end < size:
+        raise CheckpointError(path, f"{size - start - end} bytes after the last tensor's data; the file is corrupt")
 
 
 def _refuse_pickles(path, head, size):
@@ -122,20 +238,97 @@ def _refuse_pickles(path, head, size):
                                     "'model.safetensors')\"")
 
 
+def _our_metadata(path, raw_metadata):
+    if METADATA_KEY not in raw_metadata:
+        return {}
+    metadata = _json(path, raw_metadata[METADATA_KEY], "ldm_nodes metadata")
+    if not isinstance(metadata, dict):
+        raise CheckpointError(path, "ldm_nodes metadata: must be a JSON object")
+    return metadata
+
+
+def _check_metadata(path, metadata):
+    """The training schedule, once every field of our metadata that is read is checked for type and
+    bound; CheckpointError naming the field otherwise."""
+    def refuse(name, problem):
+        raise CheckpointError(path, f"metadata {name}: {problem}")
+
+    if "format" in metadata:
+        _check_number(path, "format", metadata["format"], _LIMITS["format"])
+    family = metadata.get("family")
+    if family is not None and family not in FAMILIES:
+        refuse("family", f"unknown denoiser family {str(family)[:40]!r}; this version reads {', '.join(FAMILIES)}")
+    for name in (*FAMILIES, "vae", "text", "schedule", "training", "parts_from"):
+        if name in metadata and not isinstance(metadata[name], dict):
+            refuse(name, f"must be a JSON object, got {type(metadata[name]).__name__}")
+    for name in ("prediction", "tokenizer"):
+        if name in metadata and not isinstance(metadata[name], str):
+            refuse(name, f"must be a string, got {type(metadata[name]).__name__}")
+    if metadata.get("prediction", SD1_PREDICTION) not in PREDICTIONS:
+        refuse("prediction", f"unknown {metadata['prediction'][:40]!r}; choose one of: {', '.join(PREDICTIONS)}")
+    for part, name in metadata.get("parts_from", {}).items():
+        if part not in PARTS or not isinstance(name, str) or len(name) > _STRING_LIMIT:
+            refuse(f"parts_from.{str(part)[:40]}", f"must map one of {', '.join(PARTS)} to a builtin/<file> name")
+    resolution = metadata.get("training", {}).get("resolution")
+    if resolution is not None:
+        _check_number(path, "training.resolution", resolution, _LIMITS["resolution"])
+    for name in (*FAMILIES, "vae", "text"):
+        if name in metadata:
+            _check_config_dict(path, name, metadata[name])
+    schedule = metadata.get("schedule", SD1_SCHEDULE)
+    _check_config_dict(path, "schedule", schedule)
+    if schedule.get("beta_schedule", "scaled_linear") not in BETA_SCHEDULES:
+        refuse("schedule.beta_schedule", f"unknown {str(schedule['beta_schedule'])[:40]!r}; "
+                                         f"choose one of {', '.join(BETA_SCHEDULES)}")
+    try:
+        return TrainingSchedule.from_config(schedule)
+    except (TypeError, ValueError) as e:
+        refuse("schedule", str(e))
+
+
+def _check_config_dict(path, name, config):
+    """Each value of a config: a bounded integer, a bounded positive number (the fields of
+    _FLOAT_LIMITS), a short string or list of integers, a boolean or null."""
+    for key, value in config.items():
+        where = f"{name}.{str(key)[:40]}"
+        if key in _LIMITS:
+            _check_number(path, where, value, _LIMITS[key])
+        elif key in _TUPLE_LIMITS or isinstance(value, (list, tuple)):
+            if not isinstance(value, (list, tuple)):
+                raise CheckpointError(path, f"metadata {where}: must be a list, got {str(value)[:40]}")
+            if len(value) > _MAX_LEVELS:
+                raise CheckpointError(path, f"metadata {where}: {len(value)} entries; at most {_MAX_LEVELS}")
+            for item in value:
+                _check_number(path, where, item, _TUPLE_LIMITS.get(key, _WIDTH_LIMIT))
+        elif isinstance(value, str):
+            if len(value) > _STRING_LIMIT:
+                raise CheckpointError(path, f"metadata {where}: a string of {len(value)} characters")
+        elif key in _FLOAT_LIMITS and value is not None:
+            lo, hi = _FLOAT_LIMITS[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
+                raise CheckpointError(path, f"metadata {where}: must be a number above {lo} and below {hi:g}, "
+                                            f"got {str(value)[:40]}")
+        elif value is not None and not isinstance(value, bool):
+            _check_number(path, where, value, _WIDTH_LIMIT)
+
+
+def _check_number(path, where, value, bounds):
+    """An integer from lo to hi; CheckpointError naming the field otherwise."""
+    lo, hi = bounds
+    if type(value) is not int:
+        raise CheckpointError(path, f"metadata {where}: must be an integer, got {str(value)[:40]}")
+    if not lo <= value <= hi:
+        raise CheckpointError(path, f"metadata {where}: {value} is outside {lo}..{hi}")
+
+
 def read_model_metadata(path):
     """Our JSON metadata of a file (empty for files that are not ours); header only, no weights."""
-    _, metadata = read_header(path)
-    if METADATA_KEY not in metadata:
-        return {}
-    try:
-        return json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(path, f"corrupt ldm_nodes metadata ({e})") from None
+    return read_header(path).metadata
 
 
 def training_schedule_of(path):
     """The schedule a file's model was trained with, from its header (SD1.x's when it does not say)."""
-    return TrainingSchedule.from_config(read_model_metadata(path).get("schedule", SD1_SCHEDULE))
+    return read_header(path).schedule
 
 
 def split_parts(path, keys, wanted=PARTS):
@@ -157,7 +350,7 @@ def split_parts(path, keys, wanted=PARTS):
             if not name.endswith("embeddings.position_ids"):  # a buffer, often stored corrupt: use arange
                 parts["text"][name] = key
         elif key not in _SCHEDULE_BUFFERS and not key.startswith("model_ema."):
-            raise CheckpointError(path, f"unexpected key {key!r}: not a denoiser, autoencoder or text-encoder weight")
+            raise CheckpointError(path, f"unexpected key {key[:200]!r}: not a denoiser, autoencoder or text-encoder weight")
     for part in PARTS:
         if part in wanted and not parts[part]:
             raise CheckpointError(path, f"nothing recognisable inside: no {part} weights (keys starting {PREFIXES[part]!r})")
@@ -168,10 +361,7 @@ def split_parts(path, keys, wanted=PARTS):
 
 def family_of(metadata, denoiser_shapes):
     """'unet' or 'transformer': from our metadata, else from the keys (a patch embedding means transformer)."""
-    family = metadata.get("family") or ("transformer" if "patch_embed.weight" in denoiser_shapes else "unet")
-    if family not in FAMILIES:
-        raise ValueError(f"unknown denoiser family {family!r}; this version reads {', '.join(FAMILIES)}")
-    return family
+    return metadata.get("family") or ("transformer" if "patch_embed.weight" in denoiser_shapes else "unet")
 
 
 def _config(part, metadata, shapes):
@@ -194,30 +384,67 @@ def stored_parts(metadata):
     return tuple(p for p in PARTS if p not in shared and not (p == "vae" and identity))
 
 
-def infer_configs(path, header, metadata, wanted=None):
-    """{part: (label, config, module class)} and the parts' keys, for the parts stored in the file,
-    from our metadata, else from key shapes; every key's shape is checked against the config."""
-    wanted = stored_parts(metadata) if wanted is None else wanted
-    parts = split_parts(path, header, stored_parts(metadata))
-    shapes = {part: {name: tuple(header[key]["shape"]) for name, key in names.items()} for part, names in parts.items()}
-    configs = {}
-    for part in wanted:
+def _build_parts(header):
+    """{part: Part} for the parts stored in the file: configs from our metadata, else from key shapes
+    (bounded like metadata), each built on the meta device and every key's shape checked against it."""
+    path, tensors = header.path, header.tensors
+    parts = {}
+    for part, names in split_parts(path, tensors, stored_parts(header.metadata)).items():
+        for name, key in names.items():
+            if tensors[key]["dtype"] not in _FLOATING:
+                raise CheckpointError(path, f"{part}: tensor {key!r} has dtype {tensors[key]['dtype']}; "
+                                            "model weights must be floating point")
+        shapes = {name: tuple(tensors[key]["shape"]) for name, key in names.items()}
         try:
-            configs[part] = _config(part, metadata, shapes[part])
+            label, config, cls = _config(part, header.metadata, shapes)
         except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(path, str(e)) from None
-        label, config, cls = configs[part]
-        check_layout(path, label, cls, config, shapes[part])
-    return parts, configs
+            raise CheckpointError(path, f"{part}: {e}") from None
+        _check_config_dict(path, f"{label} (inferred from shapes)", config.to_dict())
+        if _repeated_blocks(config) > len(names):
+            raise CheckpointError(path, f"{label}: its config repeats {_repeated_blocks(config):,} blocks, more than "
+                                        f"the {len(names):,} tensors the file holds for it")
+        try:
+            with torch.device("meta"), _SkipRandomInit():
+                module = cls(config)
+        except (ValueError, TypeError, RuntimeError, IndexError, ZeroDivisionError) as e:
+            raise CheckpointError(path, f"{label}: its config cannot be built ({type(e).__name__}: {e})") from None
+        check_layout(path, label, module, shapes)
+        parts[part] = Part(label, names, module)
+    return parts
 
 
-def check_layout(path, part, cls, config, shapes):
-    """Every key of the module built from `config` is in the file with its shape, and nothing else."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+class _SkipRandomInit(torch.overrides.TorchFunctionMode):
+    """Initialisation as a no-op while modules are built on the meta device: their weights come from
+    the file, and the first random draw or scaling on the meta device costs torch seconds (its meta
+    kernels for those live in Python and import the compiler), which would make every header check slow."""
+
+    _IN_PLACE = {"normal_", "uniform_", "random_"}  # Tensor methods, by name (torch passes TensorBase's)
+    _SCALINGS = {"div", "mul", "__truediv__", "__mul__"}  # a meta tensor times a number: the same meta tensor
+    _FACTORIES = {torch.randn: torch.empty, torch.rand: torch.empty}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", None)
+        if name in self._IN_PLACE:  # Tensor.normal_(...) or init.normal_(tensor=...)
+            return args[0] if args else kwargs["tensor"]
+        if name in self._SCALINGS and len(args) == 2 and args[0].is_meta and isinstance(args[1], (int, float)):
+            return args[0]
+        return self._FACTORIES.get(func, func)(*args, **(kwargs or {}))
+
+
+def _repeated_blocks(config):
+    """A lower bound on the tensors of the module `config` builds (each repeated block holds at least
+    one), so a config that would take long to build is refused before it is built."""
+    counts = [len(getattr(config, name, ())) for name in ("channel_mult", "ch_mult")]
+    counts += [getattr(config, name, 1) for name in ("num_res_blocks", "transformer_depth", "depth", "layers")]
+    return math.prod(max(count, 1) for count in counts)
+
+
+def check_layout(path, part, module, shapes):
+    """Every key of `module` is in the file with its shape, and nothing else."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     for key, shape in shapes.items():
         if key not in expected:
-            raise CheckpointError(path, f"{part}: unexpected key {key!r}")
+            raise CheckpointError(path, f"{part}: unexpected key {key[:200]!r}")
         if shape != expected[key]:
             raise CheckpointError(path, f"{part}: {key!r} has shape {list(shape)}, expected {list(expected[key])}")
     missing = [k for k in expected if k not in shapes]
@@ -236,43 +463,49 @@ def builtin_path(path, name):
     return source
 
 
-def _load_parts(path, wanted, dtypes, device, nested=False):
-    """{part: module} for the wanted parts: read from the file, built (identity autoencoder), or taken
-    from the built-in file the metadata names (one level: that file must hold them itself)."""
-    header, _ = read_header(path)
-    metadata = read_model_metadata(path)
-    shared = metadata.get("parts_from", {})
-    if nested and any(p in shared for p in wanted):
-        raise CheckpointError(path, "provides parts to another file but takes them from elsewhere itself")
-    own = [p for p in wanted if p in stored_parts(metadata)]
-    parts, configs = infer_configs(path, header, metadata, own)
+# Parts whose weights were all found finite: ((real path, size, mtime), part), so a reload skips the pass.
+_finite_parts = set()
+
+
+def _load_parts(header, wanted, dtypes, device):
+    """{part: module} for the wanted parts: read into the header's meta modules, built (identity
+    autoencoder), or taken from the built-in file that provides them."""
+    path = header.path
+    identity = os.path.realpath(path), os.path.getsize(path), os.path.getmtime(path)
     modules = {}
-    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-        for part in own:
-            _, config, cls = configs[part]
-            with torch.device("meta"):
-                module = cls(config)
-            state = {name: f.get_tensor(key).to(device, dtypes[part]) for name, key in parts[part].items()}
-            module.load_state_dict(state, strict=True, assign=True)
-            modules[part] = module
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for part in (p for p in wanted if p in header.parts):
+                stored = header.parts[part]
+                check_finite = (identity, part) not in _finite_parts
+                state = {}
+                for name, key in stored.keys.items():
+                    tensor = f.get_tensor(key)
+                    if check_finite and not torch.isfinite(tensor).all():
+                        raise CheckpointError(path, f"{part}: tensor {key!r} holds NaN or inf values")
+                    state[name] = tensor.to(device, dtypes[part])
+                stored.module.load_state_dict(state, strict=True, assign=True)
+                modules[part] = stored.module
+                _finite_parts.add((identity, part))
+    except SafetensorError as e:  # what the header check cannot see (the library's own rules)
+        raise CheckpointError(path, f"cannot read the weights ({e})") from None
     for part in wanted:
-        if part in shared:
-            modules.update(_load_parts(builtin_path(path, shared[part]), [part], dtypes, device, nested=True))
+        if part in header.sources:
+            modules.update(_load_parts(header.sources[part], [part], dtypes, device))
         elif part not in modules:  # the weightless identity autoencoder
-            modules[part] = IdentityAutoencoder(IdentityConfig(**metadata["vae"]))
+            modules[part] = IdentityAutoencoder(IdentityConfig(**header.metadata["vae"]))
     return {part: modules[part].to(device, dtypes[part]).eval().requires_grad_(False) for part in wanted}
 
 
 def load_checkpoint(path, dtype=torch.float32, device="cpu", vae_dtype=None):
-    """Load a whole model. Modules are built on the meta device and each tensor is read from the
-    file's memory map, cast and assigned one at a time, so no second full copy is ever made."""
-    metadata = read_model_metadata(path)
+    """Load a whole model. The header is read and validated once; its meta-device modules get each
+    tensor read from the file's memory map, checked finite, cast and assigned one at a time, so no
+    second full copy is ever made."""
+    header = read_header(path)
     dtypes = {"denoiser": dtype, "vae": vae_dtype or dtype, "text": dtype}
-    modules = _load_parts(path, PARTS, dtypes, device)
-    schedule = TrainingSchedule.from_config(metadata.get("schedule", SD1_SCHEDULE))
-    return Checkpoint(modules["denoiser"], modules["vae"], modules["text"], schedule,
-                      metadata.get("prediction", SD1_PREDICTION), os.fspath(path),
-                      metadata.get("training", {}).get("resolution"))
+    modules = _load_parts(header, PARTS, dtypes, device)
+    return Checkpoint(modules["denoiser"], modules["vae"], modules["text"], header.schedule, header.prediction,
+                      os.fspath(path), header.metadata.get("training", {}).get("resolution"))
 
 
 def save_checkpoint(path, denoiser, vae, text_encoder, schedule, prediction, dtype=torch.float16, extra=None,

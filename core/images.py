@@ -22,16 +22,19 @@ def open_image(path, name=None, max_pixels=MAX_PIXELS):
     """The image in `path`, opened and checked but not decoded; InputError naming `name` (default the path)."""
     name = name or str(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # Pillow warns above its limit; the check below names the size
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(name, f"the image is too large to read (over {max_pixels:,} pixels)") from None
+    except Image.DecompressionBombError as error:  # twice Pillow's limit: refused by Pillow at open
+        raise InputError(name, f"the image is too large to read ({error})") from None
     except FileNotFoundError:
         raise InputError(name, "no such file") from None
     except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for unknown or broken files
         raise InputError(name, f"cannot read the image ({error})") from None
     width, height = image.size
+    if width == 0 or height == 0:
+        image.close()
+        raise InputError(name, f"{width} x {height} pixels: the image is empty")
     if width * height > max_pixels:
         image.close()
         raise InputError(name, f"{width} x {height} pixels is over the limit of {max_pixels:,} pixels")

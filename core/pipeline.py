@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import torch
 
 from .accel import fast_network, gpu_layout
-from .autoencoder import IdentityAutoencoder, placement
+from .autoencoder import TILE_ABOVE, IdentityAutoencoder, placement
 from .denoiser import Denoiser
 from .errors import InputError
 from .inpaint import (ConcatInputs, MaskedDenoiser, concat_inputs, grow_mask, keep_outside, latent_mask, masked_pixels,
                       repeat_to_batch)
 from .likelihood import variational_bound
-from .samplers import get_sampler
+from .samplers import NonFiniteError, get_sampler
 from .schedule import BETA_SCHEDULES, SPACINGS, TrainingSchedule, sampling_schedule
 from .text import CLIPTokenizer, encode_prompt
 
@@ -117,14 +117,16 @@ def empty_latent(vae, width, height, batch_size):
     return torch.zeros(batch_size, vae.config.embed_dim, height // f, width // f)
 
 
-def encode_image(vae, image):
-    """IMAGE [B, H, W, 3] in 0..1 -> the posterior mean latent [B, C, H / f, W / f] (deterministic)."""
+def encode_image(vae, image, tile_above=TILE_ABOVE):
+    """IMAGE [B, H, W, 3] in 0..1 -> the posterior mean latent [B, C, H / f, W / f] (deterministic);
+    tiled when a side exceeds `tile_above` latent pixels."""
     if image.ndim != 4 or image.shape[-1] != 3:
         raise ValueError(f"image: expected [batch, height, width, 3], got {list(image.shape)}")
     device, dtype = placement(vae)
     x = image.movedim(-1, 1).to(device, dtype) * 2 - 1
     with torch.inference_mode():
-        return vae.encode(x).mode().float().cpu()
+        tiled = max(x.shape[-2:]) > tile_above * vae.config.f
+        return (vae.encode_tiled(x) if tiled else vae.encode(x)).mode().float().cpu()
 
 
 def encode_masked_image(vae, image, mask, grow_mask_by):
@@ -134,7 +136,7 @@ def encode_masked_image(vae, image, mask, grow_mask_by):
     return encode_image(vae, image), noise_mask, encode_image(vae, masked_pixels(image, mask))
 
 
-def decode_latent(vae, latent, tile_above=96):
+def decode_latent(vae, latent, tile_above=TILE_ABOVE):
     """Unscaled latent -> IMAGE [B, H, W, 3] in 0..1; tiled when a side exceeds `tile_above` latent pixels."""
     device, dtype = placement(vae)
     gpu_layout(vae)
@@ -196,6 +198,9 @@ def sample(model, latent, positive, negative, *, seed, sigmas, sampler_name, cfg
     rule (core/inpaint.py); the kept region is noised with the same initial noise, so no draw is added.
     masked_latent: the unscaled latent of the masked image, for an inpainting model's extra inputs.
     """
+    for name, value in (("cfg", cfg), ("eta", eta), ("guidance_rescale", guidance_rescale)):
+        if not math.isfinite(value):  # NaN passes every min/max check, and would be taken as eta's default
+            raise InputError(name, f"{value} is not a finite number")
     options = sampler_options(sampler_name, eta, ddpm_variance)
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed: must be in [0, 2^64 - 1], got {seed}")
@@ -216,7 +221,10 @@ def sample(model, latent, positive, negative, *, seed, sigmas, sampler_name, cfg
     if mask is not None:
         denoiser = MaskedDenoiser(denoiser, z.to(x), noise.to(x), mask.to(x))
     with torch.inference_mode():
-        x = get_sampler(sampler_name)(denoiser, x, sigmas, generator=generator, callback=callback, **options)
+        try:
+            x = get_sampler(sampler_name)(denoiser, x, sigmas, generator=generator, callback=callback, **options)
+        except NonFiniteError as error:
+            raise NonFiniteError(f"{error}. Likely cause: {_likely_cause(latent, param.dtype, cfg)}") from None
     out = (x.float() / model.scale_factor).cpu()
     return out if mask is None else keep_outside(out, latent.float(), mask)
 
@@ -240,6 +248,18 @@ def inpainting_network(model, mask, z, masked_latent):
         raise InputError("model", f"{model.name or 'this model'} has {in_channels} input channels; an inpainting "
                          f"model has {model.latent_channels + extra.shape[1]} (latent, mask, masked image)")
     return ConcatInputs(network, extra.to(next(model.network.parameters()).device))
+
+
+def _likely_cause(latent, dtype, cfg):
+    """Why sampling diverged, from what is known: the weights were found finite at load and the
+    FLOAT inputs at validation, so what remains is the input latent, the precision or the guidance."""
+    if not torch.isfinite(latent).all():
+        return "the input latent already held NaN or inf (check the node that made it)"
+    if dtype == torch.float16:
+        return "the model runs in fp16, whose range (65504) overflowed; use precision fp32 or bf16"
+    if cfg > 10:
+        return f"cfg {cfg:g} amplifies the prediction; lower it"
+    return f"the sampler diverged with finite weights and inputs in {str(dtype).removeprefix('torch.')}; try another sampler or more steps"
 
 
 def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, seed=0, progress=None):

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
+from .errors import InputError
 
 VOCAB_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 BOS = "<|startoftext|>"
@@ -178,6 +179,9 @@ def _normalise(text):
 _OPEN, _CLOSE = object(), object()  # parentheses that group, as opposed to literal ones
 EMPHASIS = 1.1
 MAX_WORD_TOKENS = 8  # a word this long may be split across chunks; a shorter one moves whole
+MAX_WEIGHT = 100.0  # |weight| above this pushes the encoding to overflow: refused, naming the weight
+MAX_NESTING = 100
+MAX_PROMPT_CHARACTERS = 100_000  # about 1,300 chunks of 77 tokens
 
 
 def parse_weights(text):
@@ -185,11 +189,17 @@ def parse_weights(text):
 
     A parenthesis without a partner is literal text, and so is a weight that is not a finite
     number: "(a:b)" is "a:b" at 1.1. ComfyUI itself treats unbalanced input less regularly.
+    InputError naming `text` for a prompt over MAX_PROMPT_CHARACTERS, groups nested deeper than
+    MAX_NESTING, or a weight beyond +-MAX_WEIGHT.
     """
+    if len(text) > MAX_PROMPT_CHARACTERS:
+        raise InputError("text", f"{len(text):,} characters; at most {MAX_PROMPT_CHARACTERS:,}")
     atoms = _atoms(text)
     partner, stack = {}, []
     for i, a in enumerate(atoms):
         if a is _OPEN:
+            if len(stack) == MAX_NESTING:
+                raise InputError("text", f"parentheses nested deeper than {MAX_NESTING}")
             stack.append(i)
         elif a is _CLOSE:
             if stack:
@@ -226,6 +236,10 @@ def _weigh(atoms, partner, lo, hi, weight):
             inner_end, inner_weight = _explicit_weight(atoms, i + 1, end)
             if inner_weight is None:
                 inner_weight = weight * EMPHASIS
+            if abs(inner_weight) > MAX_WEIGHT:
+                group = "".join(a if isinstance(a, str) else "()"[a is _CLOSE] for a in atoms[i:end + 1])
+                raise InputError("text", f"the weight {inner_weight:g} of {group[:60]!r} is beyond "
+                                         f"+-{MAX_WEIGHT:g}")
             out += _weigh(atoms, partner, i + 1, inner_end, inner_weight)
             i = end + 1
         else:

@@ -1,4 +1,5 @@
 """LDMEmptyLatent, LDMEncodeImage, LDMDecodeLatent: between images and the autoencoder's latents."""
+from ..core.memory import check_fits
 from ..core.pipeline import decode_latent, empty_latent, encode_image, encode_masked_image
 
 
@@ -50,9 +51,11 @@ class LDMEncodeImage:
         }}
 
     def encode(self, vae, image, mask=None, grow_mask_by=6):
+        core = vae.get()
+        check_fits("encode", core, image.shape)
         if mask is None:
-            return ({"samples": encode_image(vae.get(), image)},)
-        samples, noise_mask, masked_latent = encode_masked_image(vae.get(), image, mask, grow_mask_by)
+            return ({"samples": encode_image(core, image)},)
+        samples, noise_mask, masked_latent = encode_masked_image(core, image, mask, grow_mask_by)
         return ({"samples": samples, "noise_mask": noise_mask, "masked_latent": masked_latent},)
 
 
@@ -71,4 +74,6 @@ class LDMDecodeLatent:
         }}
 
     def decode(self, vae, samples):
-        return (decode_latent(vae.get(), samples["samples"]),)
+        core = vae.get()
+        check_fits("decode", core, samples["samples"].shape)
+        return (decode_latent(core, samples["samples"]),)

@@ -1,4 +1,5 @@
 """LDMSample: denoise a latent, with guidance, along a schedule."""
+from ..core.memory import check_fits
 from ..core.pipeline import run_sigmas, sample
 from ..core.preview import latent_preview
 from ..core.objective import VARIANCES
@@ -66,6 +67,9 @@ class LDMSample:
         latent_to_rgb = model.latent_to_rgb() if host.in_comfyui() else None
         core = model.get()
         run = run_sigmas(core, schedule, denoise, sigmas)
+        context_tokens = max(c.context.shape[1] for c in (positive, negative) if c is not None)
+        f = model.vae.core.config.f if model.vae is not None else 1  # for the message's pixel sizes
+        check_fits("sample", core.network, latent["samples"].shape, f, context_tokens)
         progress = host.progress(len(run) - 1)
 
         def callback(step):

@@ -1,0 +1,565 @@
+"""Bad inputs, as an attacker would try them (issue #16): each is refused early, in one line that names
+the input, with a non-zero exit and no traceback, writing nothing outside the output folder and
+staying under 1 GB; or, where the input is legitimate (16-bit images, large pictures), it gives the
+right result. Command-line cases run in a subprocess, whose peak memory os.wait4 reports.
+
+Why this file is long: it is the issue's corpus, one case per bad input, each with its own file or flag.
+"""
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from ldm_nodes import routes, runner
+from ldm_nodes.core import attention as attention_module
+from ldm_nodes.core import checkpoint as ck
+from ldm_nodes.core import memory
+from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm_nodes.core.errors import InputError
+from ldm_nodes.core.images import read_image
+from ldm_nodes.core.text import parse_weights
+
+PACK = Path(__file__).resolve().parents[1]
+PIXEL = PACK / "models" / "tiny-shapes-pixel.safetensors"
+TXT2IMG = PACK / "workflows" / "api" / "txt2img.json"
+IMG2IMG = PACK / "workflows" / "api" / "img2img.json"
+GB = 2**30
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+    peak: int  # the child's peak resident memory, bytes
+
+
+def cli(*args, cwd):
+    """`python -m ldm_nodes ARGS` in `cwd`; its exit code, output and peak memory (os.wait4)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen([sys.executable, "-m", "ldm_nodes", *map(str, args)], cwd=cwd, stdout=out,
+                                   stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Result(process.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss * 1024)
+
+
+def files_under(folder):
+    return {p.relative_to(folder) for p in Path(folder).rglob("*")}
+
+
+def assert_refused(result, *names, code=1):
+    """Exit `code`, one line on stderr naming every one of `names`, no traceback, under 1 GB."""
+    assert result.code == code, (result.code, result.err)
+    assert "Traceback" not in result.err, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    assert result.peak < GB, f"{result.peak / GB:.2f} GB"
+
+
+# ----------------------------------------------------------------------------- bad model files
+
+def retyped(tensors, key, tensor):
+    return {**tensors, key: tensor}
+
+
+def model_file(folder, name, edit_tensors=None, edit_metadata=None):
+    """A copy of the built-in pixel model with its tensors or metadata edited."""
+    tensors = load_file(PIXEL)
+    metadata = ck.read_header(PIXEL).metadata
+    tensors = edit_tensors(tensors) if edit_tensors else tensors
+    metadata = edit_metadata(dict(metadata)) if edit_metadata else metadata
+    save_file(tensors, folder / name, metadata={ck.METADATA_KEY: json.dumps(metadata)})
+    return folder / name
+
+
+def raw_file(path, header, data=b""):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+FIRST = "model.diffusion_model.input_blocks.0.0.weight"
+OUT = "model.diffusion_model.out.2.weight"
+
+
+def nan_weights(t):
+    bad = t[OUT].clone()
+    bad.view(-1)[0] = float("nan")
+    return retyped(t, OUT, bad)
+
+
+BAD_MODELS = {  # name -> (tensor edit, metadata edit, what the message must name)
+    "int_weights": (lambda t: retyped(t, FIRST, t[FIRST].to(torch.int32)), None, [FIRST, "I32"]),
+    "bool_weights": (lambda t: retyped(t, FIRST, t[FIRST] > 0), None, [FIRST, "BOOL"]),
+    "nan_weights": (nan_weights, None, ["denoiser", OUT, "NaN"]),
+    "inf_weights": (lambda t: retyped(t, OUT, t[OUT] * float("inf")), None, ["denoiser", OUT]),
+    "huge_timesteps": (None, lambda m: {**m, "schedule": {**m["schedule"], "num_timesteps": 10**9}},
+                       ["schedule.num_timesteps", "1000000000"]),
+    "float_timesteps": (None, lambda m: {**m, "schedule": {**m["schedule"], "num_timesteps": 1000.0}},
+                        ["schedule.num_timesteps", "integer"]),
+    "schedule_string": (None, lambda m: {**m, "schedule": "linear"}, ["metadata schedule", "object"]),
+    "unet_not_object": (None, lambda m: {**m, "unet": 5}, ["metadata unet", "object"]),
+    "huge_channels": (None, lambda m: {**m, "unet": {**m["unet"], "model_channels": 10**7}},
+                      ["unet.model_channels"]),
+    "deep_unet": (None, lambda m: {**m, "unet": {**m["unet"], "num_res_blocks": 30, "transformer_depth": 60}},
+                  ["unet", "blocks"]),
+    "huge_vocab": (None, lambda m: {**m, "text": {"vocab_size": 10**9}}, ["text.vocab_size"]),
+    "bad_prediction": (None, lambda m: {**m, "prediction": "noise"}, ["metadata prediction"]),
+    "nan_beta": (None, lambda m: {**m, "schedule": {**m["schedule"], "beta_start": float("nan")}},
+                 ["schedule.beta_start"]),
+    "parts_from_escape": (None, lambda m: {**m, "parts_from": {"text": "builtin/../../etc/passwd"}}, ["parts_from"]),
+    "resolution_string": (None, lambda m: {**m, "training": {"resolution": "32"}}, ["training.resolution"]),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    for name, (tensors, metadata, _) in BAD_MODELS.items():
+        model_file(folder, f"{name}.safetensors", tensors, metadata)
+    model_file(folder, "good.safetensors")
+    one = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    raw_file(folder / "overlap.safetensors", {FIRST: one, OUT: {**one, "data_offsets": [4, 12]}}, b"\0" * 12)
+    raw_file(folder / "gap.safetensors", {FIRST: one, OUT: {**one, "data_offsets": [12, 20]}}, b"\0" * 20)
+    raw_file(folder / "entry_not_object.safetensors", {FIRST: 5})
+    raw_file(folder / "shape_lies.safetensors", {FIRST: {**one, "shape": [10**6]}}, b"\0" * 8)
+    raw_file(folder / "unknown_dtype.safetensors", {FIRST: {**one, "dtype": "Q9"}}, b"\0" * 8)
+    raw_file(folder / "metadata_not_strings.safetensors", {"__metadata__": {"ldm_nodes": {"a": 1}}, FIRST: one},
+             b"\0" * 8)
+    raw = b'{"__metadata__": {"ldm_nodes": "{\\"schedule\\": {\\"num_timesteps\\": 1' + b"0" * 5000 + b'}}"}}'
+    (folder / "digits.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    raw = b'{"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    (folder / "nested.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return folder
+
+
+HEADER_CASES = {**{name: names for name, (_, _, names) in BAD_MODELS.items() if name not in
+                   ("nan_weights", "inf_weights")},
+                "overlap": [OUT, "overlap"], "gap": [OUT, "gap"], "entry_not_object": [FIRST, "not an object"],
+                "shape_lies": [FIRST, "data_offsets"], "unknown_dtype": [FIRST, "Q9"],
+                "metadata_not_strings": ["__metadata__"], "digits": ["ldm_nodes metadata"],
+                "nested": ["RecursionError"]}
+
+
+@pytest.mark.parametrize("name", sorted(HEADER_CASES))
+def test_the_header_validator_names_the_file_and_the_field(models, name):
+    path = models / f"{name}.safetensors"
+    with pytest.raises(ck.CheckpointError) as refused:
+        ck.read_header(path)
+    assert isinstance(refused.value, InputError) and refused.value.name == str(path)
+    for part in HEADER_CASES[name]:
+        assert part in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize("name", sorted(HEADER_CASES))
+def test_a_header_the_loader_refuses_is_refused_by_the_route(models, name, monkeypatch):
+    monkeypatch.setattr(routes.model_paths, "resolve_model", lambda ckpt_name: models / ckpt_name)
+    with pytest.raises(routes.BadRequest) as refused:
+        routes.model_schedule(f"{name}.safetensors")
+    assert str(refused.value).startswith("ckpt_name:") and all(p in str(refused.value) for p in HEADER_CASES[name])
+
+
+def test_non_finite_weights_are_found_at_load_and_remembered_per_file(models, monkeypatch):
+    with pytest.raises(ck.CheckpointError, match=r"denoiser: tensor .*out\.2\.weight.* holds NaN or inf"):
+        ck.load_checkpoint(models / "nan_weights.safetensors")
+    ck.load_checkpoint(models / "good.safetensors")
+    checks = []
+    monkeypatch.setattr(ck.torch, "isfinite", lambda t: checks.append(1) or torch.ones((), dtype=torch.bool))
+    ck.load_checkpoint(models / "good.safetensors")
+    assert checks == []  # the good file was checked once, by its first load
+
+
+def test_cli_refuses_a_bad_model_at_load_naming_the_tensor(models, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("int_weights", "nan_weights", "huge_timesteps"):
+        result = cli("run", TXT2IMG, "--out", "out", "--models-dir", models,
+                     "--set", f"1.ckpt_name={name}.safetensors", cwd=work)
+        assert_refused(result, "LDMLoadModel", *BAD_MODELS[name][2])
+        result = cli("nll", PACK / "input" / "shapes_32.png", "--model", f"{name}.safetensors", "--models-dir",
+                     models, cwd=work)
+        assert_refused(result, *BAD_MODELS[name][2])
+    assert files_under(work) == set()
+
+
+# ----------------------------------------------------------------------------- workflows
+
+def workflow(path, prompt):
+    path.write_text(json.dumps(prompt))
+    return path
+
+
+def txt2img(**changes):
+    """The shipped txt2img workflow with {"node.input": value} changes."""
+    prompt = json.loads(TXT2IMG.read_text())
+    for target, value in changes.items():
+        node, name = target.split(".")
+        prompt[node]["inputs"][name] = value
+    return prompt
+
+
+@pytest.fixture
+def work(tmp_path):
+    folder = tmp_path / "work"
+    folder.mkdir()
+    return folder
+
+
+def run_refused(work, prompt_or_text, *names, extra=()):
+    path = work / "wf.json"
+    path.write_text(prompt_or_text if isinstance(prompt_or_text, str) else json.dumps(prompt_or_text))
+    result = cli("run", path, "--out", "out", *extra, cwd=work)
+    assert_refused(result, *names)
+    assert files_under(work) == {Path("wf.json")}  # nothing written, not even the output folder
+
+
+@pytest.mark.parametrize("text, names", [
+    ('{"1": {"class_type": "SaveImage", "inputs": {"filename_prefix": ' + "9" * 5000 + "}}}", ["wf.json", "digits"]),
+    ("[" * 200_000 + "]" * 200_000, ["wf.json", "nested too deeply"]),
+    ('{"1": ' * 100 + "{}" + "}" * 100, ["wf.json", "nested too deeply"]),
+], ids=["5000_digits", "200k_deep", "100_deep"])
+def test_json_beyond_the_parsers_limits_is_named(work, text, names):
+    run_refused(work, text, *names)
+
+
+def test_a_chain_of_3000_nodes_is_ordered_without_recursion(work):
+    """3,000 samplers, each refining the last one's latent: deeper than Python's recursion limit."""
+    prompt = txt2img()
+    sampler = prompt.pop("6")
+    for i in range(3000):
+        prompt[str(100 + i)] = {**sampler, "inputs": {**sampler["inputs"], "latent": [str(99 + i) if i else "5", 0]}}
+    prompt["7"]["inputs"]["samples"] = ["3099", 0]
+    order = runner.validate(prompt, out_dir=work / "out")
+    assert order[-1] == "8" and [i for i in order if int(i) >= 100] == [str(100 + i) for i in range(3000)]
+    prompt["8"]["inputs"]["filename_prefix"] = "a\0b"  # refused only after the whole chain is ordered
+    run_refused(work, prompt, "filename_prefix", "NUL")
+
+
+@pytest.mark.parametrize("name", ["cfg", "denoise", "eta", "guidance_rescale"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e400", "1" + "0" * 400],
+                         ids=["nan", "inf", "-inf", "1e400", "10^400"])
+def test_non_finite_floats_are_refused_at_validation_naming_the_input(work, name, value):
+    prompt = txt2img()
+    prompt["6"]["inputs"][name] = "PLACEHOLDER"
+    text = json.dumps(prompt).replace('"PLACEHOLDER"', value)
+    with pytest.raises(runner.ValidationError, match=rf"node 6 \(LDMSample\) input '{name}': .*not a finite number"):
+        runner.validate(json.loads(text), out_dir=work / "out")
+    if (name, value) in (("cfg", "NaN"), ("eta", "Infinity")):  # and through the command line, by --set
+        run_refused(work, txt2img(), name, "not a finite number", extra=["--set", f"6.{name}={value}"])
+
+
+def test_non_finite_floats_are_refused_inside_comfyui_too():
+    """ComfyUI's own validation lets NaN pass min/max, so sample() refuses it, naming the input."""
+    from ldm_nodes.core.pipeline import sample
+    for name in ("cfg", "eta", "guidance_rescale"):
+        options = {"cfg": 5.0, "eta": -1.0, "guidance_rescale": 0.0, name: float("nan")}
+        with pytest.raises(InputError, match=rf"^{name}: nan is not a finite number"):
+            sample(None, torch.zeros(1, 4, 8, 8), None, None, 0, "euler", options["cfg"], torch.ones(2),
+                   options["guidance_rescale"], options["eta"])
+
+
+@pytest.mark.parametrize("target, value, names", [
+    ("6.seed", 2**64, ["seed", "above the maximum"]),
+    ("6.seed", -1, ["seed", "below the minimum"]),
+    ("6.seed", 10**4000, ["seed", "digits"]),
+    ("4.steps", 10**30, ["steps", "above the maximum"]),
+    ("5.width", "x" * 1_000_000, ["width", "characters"]),
+    ("6.sampler_name", "y" * 1_000_000, ["sampler_name", "characters"]),
+    ("8.filename_prefix", "a\0b", ["filename_prefix", "NUL"]),
+    ("8.filename_prefix", "a" * 300, ["filename_prefix", "longer than"]),
+    ("8.filename_prefix", "b" * 5000, ["filename_prefix", "at most"]),
+    ("8.filename_prefix", "../../escape", ["filename_prefix", "inside the output folder"]),
+], ids=["seed_2^64", "seed_-1", "seed_4000_digits", "steps_1e30", "width_1MB_string", "sampler_1MB_string",
+        "prefix_nul", "prefix_300", "prefix_5000", "prefix_escape"])
+def test_out_of_range_values_are_refused_with_a_short_message(work, target, value, names):
+    with pytest.raises(runner.ValidationError) as refused:
+        runner.validate(txt2img(**{target: value}), out_dir=work / "out")
+    message = str(refused.value)
+    assert len(message) < 400 and all(n in message for n in names), message
+
+
+def test_cli_refuses_a_huge_integer_and_a_nul_prefix(work):
+    run_refused(work, txt2img(**{"6.seed": 10**4000}), "seed", "digits")
+    run_refused(work, txt2img(**{"8.filename_prefix": "a\0b"}), "filename_prefix", "NUL")
+
+
+def test_out_that_is_a_file_or_under_one_is_refused_before_any_node_runs(work):
+    (work / "taken").write_text("")
+    for out in ("taken", "taken/sub"):
+        result = cli("run", TXT2IMG, "--out", out, cwd=work)
+        assert_refused(result, f"--out {out}", "file")
+    (work / "out").mkdir()
+    (work / "out" / "ldm").write_text("")
+    result = cli("run", TXT2IMG, "--out", "out", "--set", "8.filename_prefix=ldm/x", cwd=work)
+    assert_refused(result, "filename_prefix", "which is a file")
+    assert files_under(work) == {Path("taken"), Path("out"), Path("out/ldm")}
+
+
+def test_a_size_beyond_memory_is_refused_before_sampling_naming_width_height_and_batch(work):
+    """4096 x 4096 at batch 16 is inside the nodes' declared maximum; its sampling would need ~130 GB."""
+    result = cli("run", TXT2IMG, "--out", "out", "--set", "5.width=4096", "--set", "5.height=4096",
+                 "--set", "5.batch_size=16", cwd=work)
+    assert_refused(result, "LDMSample", "width, height, batch_size", "4096 x 4096 at batch_size 16", "GiB",
+                   "available")
+    assert files_under(work) == set()
+
+
+# ----------------------------------------------------------------------------- images
+
+def png_header_only(path, width, height):
+    """A PNG that declares width x height and holds no pixel data: only a reader that decodes would notice."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+RAMP = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+
+
+def save(path, image, **options):
+    image.save(path, **options)
+    return path
+
+
+IMAGES = {  # name -> (make(folder) -> path, expected mean grey level or RGB, has alpha)
+    "grey16.png": (lambda p: save(p, Image.fromarray(RAMP)), 0.5, False),
+    "grey16_be.tif": (lambda p: save(p, Image.frombytes("I;16B", (64, 64), RAMP.astype(">u2").tobytes())), 0.5, False),
+    "int32.tif": (lambda p: save(p, Image.fromarray(RAMP.astype(np.int32), "I")), 0.5, False),
+    "float.tif": (lambda p: save(p, Image.fromarray(np.full((64, 64), 0.25, np.float32), "F")), 0.25, False),
+    "cmyk.tif": (lambda p: save(p, Image.new("CMYK", (64, 64), (0, 0, 0, 0))), 1.0, False),
+    "la.png": (lambda p: save(p, Image.new("LA", (64, 64), (128, 255))), 128 / 255, True),
+    "one_bit.png": (lambda p: save(p, Image.new("1", (64, 64), 1)), 1.0, False),
+    "palette_transparent.png": (lambda p: save(p, Image.new("P", (64, 64), 0), transparency=0), 0.0, True),
+    "animated.gif": (lambda p: save(p, Image.new("RGB", (64, 64), (255, 255, 255)), save_all=True,
+                                    append_images=[Image.new("RGB", (64, 64), (0, 0, 0))]), 1.0, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_every_image_mode_is_read_at_its_own_bit_depth(tmp_path, name):
+    make, level, has_alpha = IMAGES[name]
+    rgb, alpha = read_image(make(tmp_path / name))
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.float32
+    assert rgb.mean() == pytest.approx(level, abs=0.01), rgb.mean()
+    assert (alpha is not None) == has_alpha
+
+
+@pytest.mark.parametrize("make, names", [
+    (lambda p: png_header_only(p / "huge.png", 10_000, 10_000), ["huge.png", "10000 x 10000", "limit"]),
+    (lambda p: png_header_only(p / "bomb.png", 60_000, 60_000), ["bomb.png", "too large"]),
+    (lambda p: png_header_only(p / "empty.png", 0, 0), ["empty.png"]),
+    (lambda p: (p / "cut.png").write_bytes((PACK / "input" / "shapes.png").read_bytes()[:300]) and p / "cut.png",
+     ["cut.png", "decode"]),
+    (lambda p: (p / "text.png").write_text("not an image") and p / "text.png", ["text.png", "cannot read"]),
+], ids=["10k_header", "decompression_bomb", "zero_size", "truncated", "not_an_image"])
+def test_bad_images_are_refused_by_name_from_their_header(tmp_path, make, names):
+    with pytest.raises(InputError) as refused:
+        read_image(make(tmp_path))
+    assert all(n in str(refused.value) for n in names), str(refused.value)
+
+
+def img2img_in(work, image_name):
+    prompt = json.loads(IMG2IMG.read_text())
+    prompt["5"]["inputs"]["image"] = image_name
+    return prompt
+
+
+def test_load_image_in_the_runner_reads_16_bit_grey_as_grey_not_white(tmp_path):
+    (tmp_path / "in").mkdir()
+    IMAGES["grey16.png"][0](tmp_path / "in" / "g.png")
+    from ldm_nodes.standins import LoadImage, Session, using
+    with using(Session(tmp_path / "out", tmp_path / "in")):
+        image, mask = LoadImage().load_image("g.png")
+    assert image.shape == (1, 64, 64, 3) and float(image.mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_cli_refuses_huge_and_escaping_images_before_any_work(work, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    png_header_only(inputs / "huge.png", 10_000, 10_000)
+    outside = png_header_only(tmp_path / "secret.png", 8, 8)
+    (inputs / "link.png").symlink_to(outside)
+    for name, names in (("huge.png", ["LoadImage", "image", "10000 x 10000"]), ("link.png", ["image", "outside"])):
+        path = workflow(work / "wf.json", img2img_in(work, name))
+        result = cli("run", path, "--out", "out", "--input-dir", inputs, cwd=work)
+        assert_refused(result, *names)
+    assert files_under(work) == {Path("wf.json")}
+
+
+def test_a_large_image_is_encoded_in_tiles_close_to_the_whole():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.5)).eval()
+    x = torch.rand(1, 3, 96, 160) * 2 - 1
+    with torch.inference_mode():
+        whole, one_tile = vae.encode(x).mean, vae.encode_tiled(x, tile=96).mean
+        tiled = vae.encode_tiled(x, tile=32, overlap=8).mean
+    assert torch.equal(one_tile, whole) and tiled.shape == whole.shape
+    assert (tiled - whole).abs().mean() < 0.1 * whole.abs().mean()
+
+
+def test_chunked_attention_equals_attention_in_one_call(monkeypatch):
+    q, k, v = torch.randn(2, 300, 64), torch.randn(2, 200, 64), torch.randn(2, 200, 64)
+    whole = attention_module.attention(q, k, v, heads=4)
+    monkeypatch.setattr(attention_module, "CHUNK_BYTES", 2 * 4 * 37 * 200 * 4)  # 37 queries per call
+    assert attention_module.query_chunk(2, 4, 300, 200, 4) == 37
+    torch.testing.assert_close(attention_module.attention(q, k, v, heads=4), whole)
+
+
+# ----------------------------------------------------------------------------- nll and prompts
+
+@pytest.mark.parametrize("args, names, code", [
+    (["--device", "bogus"], ["--device", "bogus"], 1),
+    (["--seed", "-1"], ["--seed"], 1),
+    (["--seed", str(2**64)], ["--seed"], 1),
+    (["--seed", "9" * 5000], ["--seed"], 2),
+    (["--steps", "-3"], ["--steps", "-3"], 1),
+], ids=["device", "seed_negative", "seed_2^64", "seed_5000_digits", "steps_negative"])
+def test_nll_flags_are_checked_like_run(work, args, names, code):
+    result = cli("nll", PACK / "input" / "shapes_32.png", *args, cwd=work)
+    assert_refused(result, *names, code=code) if code == 1 else assert_refused_by_argparse(result, *names)
+
+
+def assert_refused_by_argparse(result, *names):
+    assert result.code == 2 and "Traceback" not in result.err and all(n in result.err for n in names)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_nll_on_cuda_without_cuda_is_refused(work):
+    assert_refused(cli("nll", PACK / "input" / "shapes_32.png", "--device", "cuda", cwd=work), "--device", "cuda")
+
+
+def test_nll_refuses_images_from_their_header_before_decoding(work, tmp_path):
+    huge = png_header_only(tmp_path / "huge.png", 10_000, 10_000)
+    wrong = png_header_only(tmp_path / "wrong.png", 64, 48)
+    rgba = save(tmp_path / "rgba.png", Image.new("RGBA", (32, 32)))
+    for path, names in ((huge, ["huge.png", "10000 x 10000"]), (wrong, ["wrong.png", "64x48", "32x32"]),
+                        (rgba, ["rgba.png", "transparency"])):
+        assert_refused(cli("nll", path, cwd=work), *names)
+    assert files_under(work) == set()
+
+
+def test_nll_reads_a_16_bit_image_through_the_one_reader(work, tmp_path, capsys):
+    from ldm_nodes.__main__ import main
+    grey = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    Image.fromarray(np.round(grey / 257).astype(np.uint8)).convert("RGB").save(tmp_path / "g8.png")
+    assert main(["nll", str(tmp_path / "g16.png"), str(tmp_path / "g8.png"), "--steps", "4", "--json"]) == 0
+    first, second = (row["nll"] for row in json.loads(capsys.readouterr().out)["images"])
+    assert first == pytest.approx(second, rel=1e-6)  # the same picture, at 16 and at 8 bits
+
+
+@pytest.mark.parametrize("text, names", [
+    ("(red circle:1e30)", ["text", "1e+30", "red circle"]),
+    ("(red:-1e9) circle", ["text", "-1e+09"]),
+    ("(" * 150 + "x" + ")" * 150, ["text", "nested"]),
+    ("((((((((((((((((((((((((((((((((((((((((((((((((((x))))))))))))))))))))))))))))))))))))))))))))))))))",
+     ["text", "weight"]),
+    ("a " * 60_000, ["text", "characters"]),
+], ids=["1e30", "-1e9", "nesting", "emphasis_overflow", "long"])
+def test_prompt_weights_beyond_range_are_refused_naming_the_weight(text, names):
+    with pytest.raises(InputError) as refused:
+        parse_weights(text)
+    assert all(n in str(refused.value) for n in names), str(refused.value)
+
+
+def test_cli_refuses_a_huge_prompt_weight(work):
+    run_refused(work, txt2img(**{"2.text": "(red circle:1e30)"}), "LDMEncodeText", "text", "1e+30")
+
+
+def test_nan_in_sampling_names_its_likely_cause():
+    from ldm_nodes.core.pipeline import _likely_cause
+    finite, broken = torch.zeros(1, 4, 8, 8), torch.full((1, 4, 8, 8), float("nan"))
+    assert "input latent" in _likely_cause(broken, torch.float32, 5.0)
+    assert "fp16" in _likely_cause(finite, torch.float16, 5.0)
+    assert "cfg 25" in _likely_cause(finite, torch.float32, 25.0)
+    assert "another sampler" in _likely_cause(finite, torch.float32, 5.0)
+
+
+# ----------------------------------------------------------------------------- the memory estimator
+
+MEASURE = """
+import ctypes, json, sys, torch
+torch.set_num_threads(1)
+from ldm_nodes.core import memory, pipeline
+from ldm_nodes.core.checkpoint import load_checkpoint
+stage, size, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ck = load_checkpoint(sys.argv[4])
+f = ck.vae.config.f
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
+def resident():  # live memory now, with the peak reset to it
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    open("/proc/self/clear_refs", "w").write("5")
+    return status("VmRSS")
+if stage == "encode":
+    x = torch.rand(batch, size, size, 3)
+    estimate, run = memory.estimate_peak("encode", ck.vae, x.shape), lambda: pipeline.encode_image(ck.vae, x)
+elif stage == "decode":
+    z = torch.randn(batch, 4, size // f, size // f)
+    estimate, run = memory.estimate_peak("decode", ck.vae, z.shape), lambda: pipeline.decode_latent(ck.vae, z)
+else:
+    model = pipeline.DiffusionModel.from_checkpoint(ck)
+    z = torch.zeros(batch, 4, size // f, size // f)
+    c = pipeline.Conditioning(torch.randn(1, 77, ck.denoiser.config.context_dim), "")
+    estimate = memory.estimate_peak("sample", ck.denoiser, z.shape, f)
+    run = lambda: pipeline.sample(model, z, c, c, 0, "euler", 5.0, torch.tensor([14.6, 0.0], dtype=torch.float64))
+base = resident()
+run()
+print(json.dumps({"estimate": estimate, "measured": status("VmHWM") - base}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+@pytest.mark.parametrize("stage, size, batch", [("encode", 256, 1), ("sample", 256, 2), ("decode", 384, 1)])
+def test_the_estimate_is_within_a_factor_of_2_of_the_measured_peak(stage, size, batch):
+    """Measured in a fresh process: its resident memory's peak during the stage over what was live
+    before (glibc's mmap threshold fixed, so freed tensors go back to the system at once)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", MEASURE, stage, str(size), str(batch),
+                           str(PACK / "models" / "tiny-shapes.safetensors")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert 0.5 < figures["estimate"] / figures["measured"] < 2, figures
+
+
+def test_the_memory_refusal_names_the_sizes_and_both_figures(monkeypatch):
+    vae = AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1))
+    monkeypatch.setattr(memory, "available_memory", lambda device: (10 * 2**20, "RAM (test)"))
+    with pytest.raises(InputError, match=r"^width, height, batch_size: 512 x 256 at batch_size 3: encoding needs "
+                                         r"about [\d.]+ GiB and 0\.01 GiB is available \(RAM \(test\)\)"):
+        memory.check_fits("encode", vae, (3, 256, 512, 3))
+    memory.check_fits("encode", vae, (1, 8, 8, 3))  # small enough: no refusal
+    assert memory.available_memory("cpu")[0] > 0
+
+
+def test_trailing_bytes_a_pipe_and_a_nul_name_are_named(tmp_path):
+    path = model_file(tmp_path, "long.safetensors")
+    with open(path, "ab") as f:
+        f.write(b"\0" * 7)
+    with pytest.raises(ck.CheckpointError, match="7 bytes after the last tensor"):
+        ck.read_header(path)
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    with pytest.raises(ck.CheckpointError, match="not a regular file"):
+        ck.read_header(tmp_path / "pipe.safetensors")
+    with pytest.raises(runner.ValidationError, match="image: the name holds a NUL byte"):
+        runner.validate(img2img_in(tmp_path, "a\0b.png"), out_dir=tmp_path / "out", input_dir=PACK / "input")

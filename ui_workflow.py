@@ -6,7 +6,7 @@ stand-ins):
 - widgets_values hold the widget inputs' values in declaration order, required then optional. An
   INT input with `control_after_generate` (or, as the frontend's legacy rule has it, named seed or
   noise_seed) is followed by its control value ("fixed", "randomize", ...), which is skipped: the run
-  uses the stored value, as ComfyUI's next run does. Old files keep LoadImage's upload button value
+  uses the stored value, as ComfyUI's next run does (a file without the control value reads right too). Old files keep LoadImage's upload button value
   ("image") after the file name; it is skipped too. Optional widgets missing at the end take their
   defaults (a file saved before they were appended).
 - Links set inputs by the target's `inputs[slot]` entry, so widgets converted to inputs work: a link
@@ -22,6 +22,7 @@ from .validation import WorkflowError, input_specs
 
 WIDGET_TYPES = {"INT", "FLOAT", "BOOLEAN", "STRING", "COMBO"}
 SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a control widget to these INTs even without the option
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 DROPPED = {"Note", "MarkdownNote"}
 MUTED, BYPASSED = 2, 4
 
@@ -147,7 +148,7 @@ def _widget_inputs(node, cls):
             continue
         inputs[name] = values[position]
         position += 1
-        if _has_control(name, kind, options) and position < len(values) and isinstance(values[position], str):
+        if _has_control(name, kind, options) and position < len(values) and values[position] in CONTROL_VALUES:
             position += 1
         if options.get("image_upload") and position < len(values) and values[position] == "image":
             position += 1

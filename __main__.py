@@ -78,19 +78,20 @@ def _nll(args):
         if missing:
             raise ValueError(f"--models-dir {missing[0]}: no such folder")
         set_model_dirs(args.models_dir)
+        images = [_read_rgb(path) for path in args.images]  # a mistyped name fails before the model loads
         checkpoint = load_checkpoint(resolve_model(args.model), device=args.device)
         model = DiffusionModel.from_checkpoint(checkpoint)
         context = None
         if args.prompt is not None:
             with torch.inference_mode():
                 context = encode_prompt(CLIPTokenizer(), checkpoint.text_encoder, args.prompt)
-        images = [_read_rgb(path) for path in args.images]
     except ValueError as error:  # CheckpointError is one
         print(f"error: {error}", file=sys.stderr)
         return 1
     unit = "bits/dim" if model.pixel_space else "nats/dim (latent)"
     print(f"unit: {unit} ({'8-bit pixels' if model.pixel_space else 'the scaled latent of the autoencoder'}), "
-          f"model {args.model}, {'all timesteps' if not args.steps else f'{args.steps} sampled timesteps'}",
+          f"model {args.model}, "
+          f"{'all timesteps' if not args.steps else f'{args.steps} sampled timesteps (the bound, then its standard error)'}",
           file=sys.stderr)
     results = []
     for path, pixels in zip(args.images, images):
@@ -107,7 +108,8 @@ def _nll(args):
             row["standard_error"] = float(bound.standard_error[0])
         results.append(row)
         if not args.json:
-            print(f"{path}\t{row['nll']:.4f}", flush=True)
+            error = f"\t{row['standard_error']:.4f}" if "standard_error" in row else ""
+            print(f"{path}\t{row['nll']:.4f}{error}", flush=True)
     if args.json:
         print(json.dumps({"unit": unit, "model": args.model, "prompt": args.prompt or "", "variance": args.variance,
                           "steps": args.steps, "seed": args.seed, "images": results}, indent=1))

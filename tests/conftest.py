@@ -5,25 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPOSITORY = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
-
-
-class _RepositoryIsAFolder:
-    """Collect the repository root as a plain folder, not as a package: pytest would import its
-    __init__.py (the ComfyUI entry, relative imports only), which fails in a clone whose folder name
-    is not a Python identifier, such as `git clone`'s own ldm-nodes. Tests import the installed
-    package `ldm_nodes` instead."""
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_collect_directory(self, path, parent):
-        if path == REPOSITORY:
-            return pytest.Dir.from_parent(parent, path=path)
-        return None
-
-
-def pytest_configure(config):
-    config.pluginmanager.register(_RepositoryIsAFolder(), "ldm-nodes-repository-folder")
 
 
 @pytest.fixture(scope="session", autouse=True)

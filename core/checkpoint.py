@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from .autoencoder import (AutoencoderKL, IdentityAutoencoder, IdentityConfig,
                           autoencoder_config_from_dict, infer_autoencoder_config)
+from .meta import empty_modules
 from .schedule import TrainingSchedule
 from .text import CLIPTextConfig, CLIPTextModel, infer_text_config
 from .transformer import TransformerConfig, TransformerModel, infer_transformer_config
@@ -213,7 +214,7 @@ def infer_configs(path, header, metadata, wanted=None):
 
 def check_layout(path, part, cls, config, shapes):
     """Every key of the module built from `config` is in the file with its shape, and nothing else."""
-    with torch.device("meta"):
+    with empty_modules():
         expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
     for key, shape in shapes.items():
         if key not in expected:
@@ -250,7 +251,7 @@ def _load_parts(path, wanted, dtypes, device, nested=False):
     with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
         for part in own:
             _, config, cls = configs[part]
-            with torch.device("meta"):
+            with empty_modules():
                 module = cls(config)
             state = {name: f.get_tensor(key).to(device, dtypes[part]) for name, key in parts[part].items()}
             module.load_state_dict(state, strict=True, assign=True)

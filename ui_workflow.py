@@ -25,6 +25,7 @@ SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a control widget to the
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 DROPPED = {"Note", "MarkdownNote"}
 MUTED, BYPASSED = 2, 4
+VALUE = object()  # marks a PrimitiveNode's value among (node id, slot) sources
 
 
 def is_ui_workflow(data):
@@ -43,7 +44,8 @@ def ui_to_api(workflow, registry):
         nodes[node["id"]] = node
     runnable = {i: n for i, n in nodes.items() if n["type"] not in DROPPED | {"Reroute", "PrimitiveNode"}
                 and n.get("mode", 0) != MUTED}
-    unknown = [f"node {i} ({n['type']})" for i, n in runnable.items() if n["type"] not in registry]
+    unknown = [f"node {i} ({n['type']})" for i, n in runnable.items()
+               if n["type"] not in registry and n.get("mode", 0) != BYPASSED]
     if unknown:
         raise WorkflowError(f"{', '.join(unknown)}: cannot run headless; it knows only this pack's nodes and the "
                             "stand-ins SaveImage, PreviewImage and LoadImage")
@@ -53,14 +55,14 @@ def ui_to_api(workflow, registry):
         if node.get("mode", 0) == BYPASSED:
             continue
         inputs = _widget_inputs(node, registry[node["type"]])
-        for slot, entry in enumerate(node.get("inputs") or []):
+        for entry in node.get("inputs") or []:
             if entry.get("link") is None:
                 continue
             name = (entry.get("widget") or {}).get("name") or entry["name"]
             source = _resolve(entry["link"], links, nodes)
             if source is None:  # fed by nothing (a muted node): a widget keeps its value, a link input stays unset
                 continue
-            inputs[name] = source[1] if source[0] == "value" else [str(source[0]), source[1]]
+            inputs[name] = source[1] if source[0] is VALUE else [str(source[0]), source[1]]
         prompt[str(node_id)] = {"class_type": node["type"], "inputs": inputs,
                                 "_meta": {"title": node.get("title") or node["type"]}}
     return prompt
@@ -81,7 +83,7 @@ def _links(workflow):
 
 
 def _resolve(link_id, links, nodes, seen=None):
-    """(node id, output slot) of the node that really feeds link `link_id`, ("value", v) for a
+    """(node id, output slot) of the node that really feeds link `link_id`, (VALUE, v) for a
     PrimitiveNode's value, or None when nothing does (a muted source, an unconnected pass-through)."""
     seen = set() if seen is None else seen
     if link_id in seen:
@@ -97,7 +99,7 @@ def _resolve(link_id, links, nodes, seen=None):
         values = source.get("widgets_values") or []
         if not values:
             raise WorkflowError(f"node {source_id} (PrimitiveNode): has no value")
-        return "value", values[0]
+        return VALUE, values[0]
     if source.get("mode", 0) == MUTED:
         return None
     if source["type"] == "Reroute" or source.get("mode", 0) == BYPASSED:

@@ -127,6 +127,7 @@ def test_nodes_it_cannot_run_are_named_in_one_line():
     workflow = ui("txt2img")
     add_node(workflow, id=30, type="KSampler", mode=0, widgets_values=[])
     add_node(workflow, id=31, type="0f2a-group-node", mode=0, widgets_values=[])
+    add_node(workflow, id=32, type="OtherPackNode", mode=4, widgets_values=[])  # bypassed: passes through
     with pytest.raises(runner.WorkflowError) as caught:
         ui_to_api(workflow, REGISTRY)
     message = str(caught.value)

@@ -160,8 +160,11 @@ def _run(args):
         if missing:
             raise runner.WorkflowError(f"--models-dir {missing[0]}: no such folder")
         set_model_dirs(args.models_dir, file_paths=True)  # ckpt_name may be a file's path, e.g. a run's model
-        prompt = runner.apply_overrides(runner.load_workflow(args.workflow), args.set)
-        paths = runner.run(prompt, out_dir=args.out, input_dir=args.input_dir)
+        prompt, workflow = runner.read_workflow(args.workflow)
+        prompt = runner.apply_overrides(prompt, args.set)
+        # the UI graph is embedded in the PNGs only when it is what ran: --set changes the prompt alone
+        paths = runner.run(prompt, out_dir=args.out, input_dir=args.input_dir,
+                           workflow=None if args.set else workflow, show_progress=not args.quiet)
     except runner.WorkflowError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -213,7 +216,8 @@ def _nll(args):
         return _fail(error)
     unit = "bits/dim" if model.pixel_space else "nats/dim (latent)"
     print(f"unit: {unit} ({'8-bit pixels' if model.pixel_space else 'the scaled latent of the autoencoder'}), "
-          f"model {args.model}, {'all timesteps' if not args.steps else f'{args.steps} sampled timesteps'}",
+          f"model {args.model}, "
+          f"{'all timesteps' if not args.steps else f'{args.steps} sampled timesteps (the bound, then its standard error)'}",
           file=sys.stderr)
     results = []
     for path, pixels in zip(args.images, images):
@@ -232,7 +236,8 @@ def _nll(args):
             row["standard_error"] = float(bound.standard_error[0])
         results.append(row)
         if not args.json:
-            print(f"{path}\t{row['nll']:.4f}", flush=True)
+            error = f"\t{row['standard_error']:.4f}" if "standard_error" in row else ""
+            print(f"{path}\t{row['nll']:.4f}{error}", flush=True)
     if args.json:
         print(json.dumps({"unit": unit, "model": args.model, "prompt": args.prompt or "", "variance": args.variance,
                           "steps": args.steps, "seed": args.seed, "images": results}, indent=1))
@@ -316,10 +321,13 @@ def main(argv=None):
                        "cuda picks the process's LOCAL_RANK)")
     train.add_argument("--save-every", type=int, default=250,
                        help="steps between saved states (and held-out bounds, and plot redraws)")
-    run = commands.add_parser("run", help="run an API-format workflow (workflows/api/*.json) without ComfyUI",
+    run = commands.add_parser("run", help="run a workflow (workflows/*.json, workflows/api/*.json, or a PNG it "
+                                          "wrote) without ComfyUI",
                               description="Validate the whole workflow, then run what its SaveImage/PreviewImage "
-                                          "nodes need. Prints the written image files, one per line.")
-    run.add_argument("workflow", help="API-format workflow JSON (ComfyUI: Export (API))")
+                                          "nodes need. Prints the written image files, one per line. The PNGs "
+                                          "embed the prompt and the UI workflow, as ComfyUI's do.")
+    run.add_argument("workflow", help="workflow file: API format (ComfyUI: Export (API)), UI format (ComfyUI: Save), "
+                                      "or a PNG written by ComfyUI or by this command (its embedded workflow)")
     run.add_argument("--out", default="output", help="output folder for SaveImage (PreviewImage: OUT/temp)")
     run.add_argument("--input-dir", default="input", help="folder LoadImage reads from")
     run.add_argument("--models-dir", action="append", default=[], help="model folder (repeatable); "
@@ -327,6 +335,7 @@ def main(argv=None):
     run.add_argument("--set", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
                      help="override an input (repeatable); VALUE is JSON when it parses, else text")
     run.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, mps, ...")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr (errors still show)")
     nll = commands.add_parser("nll", help="the variational bound of images (bits/dim for pixel-space models)",
                               description="DDPM's variational bound (Ho et al. 2020, eq. 5) of each image under a "
                                           "model: one line per image, the path then the bound. Pixel-space models "

@@ -3,6 +3,7 @@
 The pack's entry (__init__.py) configures it when ComfyUI's `comfy` package is importable."""
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.samplers
 import comfy.utils
 
 from .nodes.host import Host, Progress
@@ -26,6 +27,10 @@ class ComfyHost(Host):
 
     def progress(self, total):
         return _ComfyProgress(total)
+
+    def sampler(self, function):
+        """ComfyUI's SAMPLER: a KSAMPLER calls `function` with k-diffusion's signature (LDMSamplerSelect)."""
+        return comfy.samplers.KSAMPLER(function)
 
 
 class _ComfyProgress(Progress):

@@ -1,11 +1,14 @@
 """Run an API-format ComfyUI workflow of V1 node classes without ComfyUI, with ComfyUI's rules.
 
 Public API
-    load_workflow(path) -> dict             read an API-format workflow ("Export (API)" in ComfyUI)
-    read_json(path)                         any JSON file (e.g. the UI workflow for `run(workflow=...)`)
+    load_workflow(path) -> dict             the API-format prompt of a workflow file: API JSON ("Export (API)"),
+                                            UI JSON (ComfyUI's Save) or a PNG written by ComfyUI or by `run`
+    read_workflow(path) -> (prompt, workflow)  the same, and the UI graph when the file has one (for `run`)
+    read_json(path)                         any JSON file
     apply_overrides(prompt, ["5.seed=7"])   a copy with `--set NODE_ID.INPUT=VALUE` assignments applied
     validate(prompt, registry=None, ...)    the node ids to execute, in order; ValidationError lists every problem
-    run(prompt, registry=None, ...)         validate, then execute; returns the image files written
+    run(prompt, registry=None, ...)         validate, then execute; returns the image files written. Many runs
+                                            in one process share the imports and torch's warm-up (README)
     default_registry()                      this pack's NODE_CLASS_MAPPINGS plus STAND_INS
     STAND_INS                               SaveImage, PreviewImage, LoadImage (standins.py)
     progress(value, total)                  the progress hook for nodes: a no-op unless `run` is running one
@@ -14,25 +17,28 @@ Public API
       ValidationError (.errors: one line each) and NodeError (.node_id, .class_type; the node's exception chained)
 
 The graph's rules (ComfyUI's: which nodes run, links, types, widget limits, VALIDATE_INPUTS) are in
-validation.py. Not supported: lazy inputs (all are evaluated), INPUT_IS_LIST / OUTPUT_IS_LIST,
+validation.py; the UI format's conversion in ui_workflow.py. Not supported: lazy inputs (all are evaluated), INPUT_IS_LIST / OUTPUT_IS_LIST,
 async node functions, %date% in filename_prefix.
 
 The stand-ins for ComfyUI's core nodes (SaveImage, PreviewImage, LoadImage) are in standins.py.
 
 Host: importing the runner makes it the nodes' host (nodes/host.py): their device is the one
 `set_device` chose, and a node's progress shows on stderr while `run` executes it as
-"[node 5 LDMSample] 12/20" (redrawn with \\r on a terminal, one line per report otherwise).
+"[node 5 LDMSample] 12/20" (redrawn with \\r on a terminal, one line per report otherwise), unless
+`run(..., show_progress=False)` (the CLI's --quiet).
 """
 import copy
 import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .core.errors import InputError
 from .core.progress import TextProgress
 from .nodes import NODE_CLASS_MAPPINGS, host
 from .standins import STAND_INS, Session, using
+from .ui_workflow import is_ui_workflow, ui_to_api
 from .validation import NodeError, ValidationError, WorkflowError, call_kwargs, input_specs, validate_graph
 
 # ----------------------------------------------------------------------------- run state
@@ -132,13 +138,56 @@ def _depth_over(value, limit):
 
 
 def load_workflow(path):
-    """The API-format workflow in the JSON file `path`; WorkflowError naming the file otherwise."""
-    prompt = read_json(path)
-    if isinstance(prompt, dict) and "nodes" in prompt and "links" in prompt:
-        raise WorkflowError(f"{path}: this is ComfyUI's UI format; save it with 'Export (API)' (see workflows/api/)")
+    """The API-format prompt of the workflow file `path` (see read_workflow); WorkflowError naming the file."""
+    return read_workflow(path)[0]
+
+
+def read_workflow(path, registry=None):
+    """(the API-format prompt, the UI-format workflow or None) of the file `path`: an API-format JSON file,
+    a UI-format one (converted with the nodes' own input declarations, ui_workflow.py), or a PNG written
+    by ComfyUI or by `run` (its "prompt" text, else its "workflow"). WorkflowError naming the file."""
+    registry = default_registry() if registry is None else registry
+    if _is_png(path):
+        prompt, workflow = _png_workflow(path)
+    else:
+        data = read_json(path)
+        prompt, workflow = (None, data) if is_ui_workflow(data) else (data, None)
+    if prompt is None:
+        try:
+            prompt = ui_to_api(workflow, registry)
+        except WorkflowError as error:
+            raise WorkflowError(f"{path}: {error}") from None
     if not isinstance(prompt, dict):
         raise WorkflowError(f"{path}: expected a JSON object mapping node ids to nodes")
-    return prompt
+    return prompt, workflow
+
+
+def _is_png(path):
+    try:
+        with open(path, "rb") as file:
+            return file.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError as error:
+        raise WorkflowError(f"{path}: cannot read: {error.strerror or error}") from error
+
+
+def _png_workflow(path):
+    """(prompt or None, workflow or None) embedded in a PNG's text chunks, as ComfyUI's SaveImage writes them."""
+    try:
+        with Image.open(path) as image:
+            texts = dict(image.info)
+    except OSError as error:
+        raise WorkflowError(f"{path}: cannot read the PNG: {error}") from error
+    found = {}
+    for key in ("prompt", "workflow"):
+        if isinstance(texts.get(key), str):
+            try:
+                found[key] = json.loads(texts[key])
+            except json.JSONDecodeError as error:
+                raise WorkflowError(f"{path}: its embedded {key} is not valid JSON: {error.msg}") from error
+    if not found:
+        raise WorkflowError(f"{path}: this PNG holds no workflow (no \"prompt\" or \"workflow\" text chunk; "
+                            "ComfyUI and `run` embed both unless metadata is turned off)")
+    return found.get("prompt"), found.get("workflow")
 
 
 def apply_overrides(prompt, assignments, registry=None):
@@ -201,10 +250,11 @@ def validate(prompt, registry=None, *, out_dir="output", input_dir="input"):
 
 
 
-def run(prompt, registry=None, *, out_dir="output", input_dir="input", workflow=None):
+def run(prompt, registry=None, *, out_dir="output", input_dir="input", workflow=None, show_progress=True):
     """Validate `prompt`, then run what its output nodes need; returns the image files written.
 
     `workflow` (the UI-format graph) is embedded in saved PNGs beside the prompt, as ComfyUI does.
+    show_progress=False keeps the nodes' progress lines off stderr.
     """
     registry = default_registry() if registry is None else registry
     _check_out_dir(out_dir)
@@ -212,7 +262,7 @@ def run(prompt, registry=None, *, out_dir="output", input_dir="input", workflow=
         order = validate_graph(prompt, registry)
         results, ui = {}, {}
         for node_id in order:
-            results[node_id], ui[node_id] = _run_node(node_id, prompt[node_id], registry, results)
+            results[node_id], ui[node_id] = _run_node(node_id, prompt[node_id], registry, results, show_progress)
         return _written_files(ui, current)
 
 
@@ -231,17 +281,18 @@ def _extra_pnginfo(workflow):
     return None if workflow is None else {"workflow": workflow}
 
 
-def _run_node(node_id, node, registry, results):
+def _run_node(node_id, node, registry, results, show_progress=True):
     global _bar
     class_type = node["class_type"]
     cls = registry[class_type]
-    _bar = TextProgress(f"node {node_id} {class_type}")
+    _bar = TextProgress(f"node {node_id} {class_type}") if show_progress else None
     try:
         output = getattr(cls(), cls.FUNCTION)(**call_kwargs(node_id, node, cls, results))
     except Exception as error:
         raise NodeError(node_id, class_type, _describe(error)) from error
     finally:
-        _bar.close()
+        if _bar is not None:
+            _bar.close()
         _bar = None
     return _split_output(output, node_id, class_type, cls)
 

@@ -2,7 +2,7 @@
 
     python bench/memory_sd15.py [--dir DIR] [--file-dtype fp16|fp32] [--load-dtype fp16|fp32]
 
-Writes a synthetic single-file checkpoint with every SD1.5 key and shape (../shared/sd15_keys.txt,
+Writes a synthetic single-file checkpoint with every SD1.5 key and shape (tests/data/sd15_keys.txt,
 random values: memory does not depend on them) into DIR, then loads it with core/checkpoint.py in a
 fresh process while sampling the process's anonymous resident memory (RssAnon: what the loaded
 modules and any temporary copies occupy; the file's own pages are file-backed and not counted).
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 GB = 1024**3
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "sd15_keys.txt"
+KEYS = Path(__file__).resolve().parents[1] / "tests" / "data" / "sd15_keys.txt"
 
 
 def rss_anon():
@@ -74,7 +74,7 @@ def main():
     parser.add_argument("--dir", help="where to write the synthetic file (default: a temporary folder)")
     parser.add_argument("--file-dtype", choices=["fp16", "fp32"], default="fp16")
     parser.add_argument("--load-dtype", choices=["fp16", "fp32"], default="fp16")
-    parser.add_argument("--keys", default=str(KEYS), help="SD1.5 key list (shared/sd15_keys.txt)")
+    parser.add_argument("--keys", default=str(KEYS), help="SD1.5 key list (tests/data/sd15_keys.txt)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:

@@ -28,7 +28,7 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from .autoencoder import (AutoencoderKL, IdentityAutoencoder, IdentityConfig,
                           autoencoder_config_from_dict, infer_autoencoder_config)
 from .denoiser import PREDICTIONS
 from .errors import InputError
+from .meta import empty_modules
 from .schedule import BETA_SCHEDULES, TrainingSchedule
 from .text import CLIPTextConfig, CLIPTextModel, infer_text_config
 from .transformer import TransformerConfig, TransformerModel, infer_transformer_config
@@ -404,31 +405,13 @@ def _build_parts(header):
             raise CheckpointError(path, f"{label}: its config repeats {_repeated_blocks(config):,} blocks, more than "
                                         f"the {len(names):,} tensors the file holds for it")
         try:
-            with torch.device("meta"), _SkipRandomInit():
+            with empty_modules():
                 module = cls(config)
         except (ValueError, TypeError, RuntimeError, IndexError, ZeroDivisionError) as e:
             raise CheckpointError(path, f"{label}: its config cannot be built ({type(e).__name__}: {e})") from None
         check_layout(path, label, module, shapes)
         parts[part] = Part(label, names, module)
     return parts
-
-
-class _SkipRandomInit(torch.overrides.TorchFunctionMode):
-    """Initialisation as a no-op while modules are built on the meta device: their weights come from
-    the file, and the first random draw or scaling on the meta device costs torch seconds (its meta
-    kernels for those live in Python and import the compiler), which would make every header check slow."""
-
-    _IN_PLACE = {"normal_", "uniform_", "random_"}  # Tensor methods, by name (torch passes TensorBase's)
-    _SCALINGS = {"div", "mul", "__truediv__", "__mul__"}  # a meta tensor times a number: the same meta tensor
-    _FACTORIES = {torch.randn: torch.empty, torch.rand: torch.empty}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", None)
-        if name in self._IN_PLACE:  # Tensor.normal_(...) or init.normal_(tensor=...)
-            return args[0] if args else kwargs["tensor"]
-        if name in self._SCALINGS and len(args) == 2 and args[0].is_meta and isinstance(args[1], (int, float)):
-            return args[0]
-        return self._FACTORIES.get(func, func)(*args, **(kwargs or {}))
 
 
 def _repeated_blocks(config):

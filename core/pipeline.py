@@ -163,7 +163,8 @@ def sampler_options(sampler_name, eta, ddpm_variance):
 
 def run_sigmas(model, spec, denoise, sigmas=None):
     """The sigmas a run visits. denoise d < 1 follows ComfyUI: build int(steps / d) steps and keep the
-    last `steps`. Linked sigmas are used as given and cannot be combined with d < 1."""
+    last `steps`. Linked sigmas are used as given and cannot be combined with d < 1; ending above 0
+    (SplitSigmas' first part, FlipSigmas) the run stops at that noise level, as k-diffusion's samplers do."""
     if spec.zero_terminal_snr and model.prediction == "eps":
         raise ValueError("zero_terminal_snr: this model predicts eps, which is undefined at zero terminal SNR "
                          "(the last step holds no signal); turn zero_terminal_snr off")
@@ -174,8 +175,8 @@ def run_sigmas(model, spec, denoise, sigmas=None):
         if denoise < 1.0:
             raise ValueError("denoise: must be 1 when sigmas are linked; cut the sigmas instead (SplitSigmas)")
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-        if len(sigmas) < 2 or sigmas[-1] != 0 or (sigmas[1:] >= sigmas[:-1]).any():
-            raise ValueError("sigmas: must be descending, at least two values, ending at 0")
+        if len(sigmas) < 2 or sigmas[-1] < 0 or (sigmas[1:] >= sigmas[:-1]).any():
+            raise ValueError("sigmas: must be descending, at least two values, the last one 0 or above")
         return sigmas
     if denoise == 1.0:
         return spec.sigmas(model_schedule)

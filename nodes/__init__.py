@@ -3,6 +3,7 @@ from .latent import LDMDecodeLatent, LDMEmptyLatent, LDMEncodeImage
 from .likelihood import LDMLikelihood
 from .loader import LDMLoadModel
 from .sample import LDMSample
+from .sampler_select import LDMSamplerSelect
 from .schedule import LDMNoiseSchedule
 from .text import LDMEncodeText
 
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "LDMSample": LDMSample,
     "LDMDecodeLatent": LDMDecodeLatent,
     "LDMLikelihood": LDMLikelihood,
+    "LDMSamplerSelect": LDMSamplerSelect,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -26,4 +28,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LDMSample": "Sample (LDM)",
     "LDMDecodeLatent": "Decode Latent (LDM)",
     "LDMLikelihood": "Likelihood (LDM)",
+    "LDMSamplerSelect": "Sampler Select (LDM)",
 }

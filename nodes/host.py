@@ -1,4 +1,5 @@
-"""What the nodes need from their host: a device, memory management, progress and interruption.
+"""What the nodes need from their host: a device, memory management, progress and interruption, and
+the host's own SAMPLER object.
 
 The nodes call the functions below and never ask who the host is. The layer above configures it
 once with `configure(host)`: ComfyUI's entry with `comfy_host.ComfyHost` (ComfyUI's device, memory
@@ -30,6 +31,10 @@ class Host:
     def progress(self, total):
         """A progress report for a node about to take `total` steps (here: silent)."""
         return Progress(total)
+
+    def sampler(self, function):
+        """The host's SAMPLER object for a k-diffusion sampling function (here: the function itself)."""
+        return function
 
 
 class Progress:
@@ -75,3 +80,8 @@ def use(handle):
 def progress(total):
     """The host's progress report for a node about to take `total` steps."""
     return _host.progress(total)
+
+
+def sampler(function):
+    """The host's SAMPLER for a k-diffusion sampling function (inside ComfyUI: a comfy.samplers.KSAMPLER)."""
+    return _host.sampler(function)

@@ -46,8 +46,8 @@ class LDMSample:
                                                  "longer schedule, starting from the given latent."}),
             },
             "optional": {
-                "sigmas": ("SIGMAS", {"tooltip": "When linked, replaces the schedule's sigmas (descending, ending "
-                                                 "at 0); denoise must then be 1."}),
+                "sigmas": ("SIGMAS", {"tooltip": "When linked, replaces the schedule's sigmas (descending; a last "
+                                                 "sigma above 0 stops there, noisy); denoise must then be 1."}),
                 "eta": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 2.0, "step": 0.01,
                                   "tooltip": "Noise of stochastic samplers; -1 keeps the sampler's default (0 for "
                                              "ddim; 1 for ddpm, euler_ancestral, dpmpp_2m_sde)."}),

@@ -4,7 +4,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -53,18 +52,9 @@ def test_parity_with_diffusers(config):
     assert (decoded - decoded_reference).abs().max() <= 1e-4
 
 
-def sd15_shapes():
-    shared = Path(os.environ.get("LDM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-    path = shared / "sd15_keys.txt"
-    if not path.exists():
-        pytest.skip(f"{path} not found (set LDM_SHARED_DIR)")
+def test_sd15_config_and_layout(sd15_shapes):
     prefix = "first_stage_model."
-    rows = (line.split("\t") for line in path.read_text().splitlines() if line.startswith(prefix))
-    return {key[len(prefix):]: tuple(json.loads(shape)) for key, shape in rows}
-
-
-def test_sd15_config_and_layout():
-    shapes = sd15_shapes()
+    shapes = {key[len(prefix):]: shape for key, shape in sd15_shapes.items() if key.startswith(prefix)}
     config = infer_autoencoder_config(shapes)
     assert config == AutoencoderConfig(in_channels=3, out_channels=3, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
                                        attn_levels=(), z_channels=4, embed_dim=4, double_z=True, scale_factor=0.18215)

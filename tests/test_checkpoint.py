@@ -25,18 +25,6 @@ VAE = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.
 TEXT = CLIPTextConfig(vocab_size=49408, width=64, layers=2, heads=2, mlp_width=128)
 
 
-def sd15_shapes():
-    root = Path(os.environ.get("LDM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-    path = root / "sd15_keys.txt"
-    if not path.exists():
-        pytest.skip("shared/sd15_keys.txt not found")
-    shapes = {}
-    for line in path.read_text().splitlines():
-        key, shape = line.split("\t")
-        shapes[key] = json.loads(shape)
-    return shapes
-
-
 def tiny_modules(seed=0):
     torch.manual_seed(seed)
     modules = UNetModel(UNET), AutoencoderKL(VAE), CLIPTextModel(TEXT)
@@ -100,10 +88,10 @@ def test_fp16_file_is_half_the_size(tmp_path):
     assert 0.49 < ratio < 0.51
 
 
-def test_sd15_key_list_is_fully_placed(tmp_path):
+def test_sd15_key_list_is_fully_placed(tmp_path, sd15_shapes):
     """Every SD1.5 key is consumed by a module with the SD1.5 config inferred, or explicitly ignored
     (schedule buffers, EMA copies, position_ids), on the meta device: no memory."""
-    shapes = sd15_shapes()
+    shapes = sd15_shapes
     shapes.update({"alphas_cumprod": [1000], "betas": [1000], "model_ema.decay": [],
                    "model_ema.diffusion_modelinput_blocks00weight": [320, 4, 3, 3],
                    "cond_stage_model.transformer.text_model.embeddings.position_ids": [1, 77]})
@@ -121,9 +109,9 @@ def test_sd15_key_list_is_fully_placed(tmp_path):
     assert ck.training_schedule_of(path) == TrainingSchedule("scaled_linear", 1000, 0.00085, 0.012)
 
 
-def test_old_text_layout_without_text_model_prefix(tmp_path):
-    shapes = sd15_shapes()
-    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v for k, v in shapes.items()}
+def test_old_text_layout_without_text_model_prefix(tmp_path, sd15_shapes):
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+           for k, v in sd15_shapes.items()}
     path = header_only_file(tmp_path / "old.safetensors", old)
     assert "text_model.final_layer_norm.weight" in ck.read_header(path).parts["text"].keys
 

@@ -17,7 +17,9 @@ Checked: the pack imports without errors; GET /object_info lists the seven nodes
 inputs and both model files; GET /ldm/schedule and /api/ldm/schedule; GET /extensions serves the
 panel's JS; every workflows/api/*.json runs to execution_success over the websocket with per-step
 progress and preview frames, and its SaveImage files exist; a bad ckpt_name is refused by
-validation; POST /interrupt stops a long run; POST /free, then a run loads the models again.
+validation; POST /interrupt stops a long run; POST /free, then a run loads the models again; core's
+SamplerCustom samples a core MODEL (a small SD2-shaped UNet with random weights) with LDMSamplerSelect's
+SAMPLER, its euler matching core's own.
 Masks: the runner's stand-ins declare the inputs of ComfyUI's own mask nodes; core's SetLatentNoiseMask
 on LDMEncodeImage's latent makes LDMSample keep the latent outside the mask exactly (read back through
 core's SaveLatent), and core's ImageCompositeMasked then gives the original pixels outside the mask.
@@ -75,6 +77,7 @@ NODES = {  # contract (ARCHITECTURE.md section 2): input names in order, require
                   ["sigmas", "eta", "guidance_rescale", "ddpm_variance"]),
     "LDMDecodeLatent": (["vae", "samples"], []),
     "LDMLikelihood": (["model", "vae", "image", "variance", "steps"], ["conditioning"]),
+    "LDMSamplerSelect": (["sampler_name", "eta", "ddpm_variance"], []),
 }
 WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json"))
 
@@ -124,7 +127,7 @@ class Server:
         tiny_model(extra / "ldm" / EXTRA_MODEL, seed=1)
         config = self.root / "extra_model_paths.yaml"
         config.write_text(f"ldm_nodes_test:\n    base_path: {json.dumps(str(extra))}\n    ldm: ldm\n")
-        for name in ("shapes.png", "inpaint.png"):
+        for name in ("shapes.png", "shapes_32.png", "inpaint.png"):
             shutil.copy(REPO / "input" / name, self.base / "input" / name)
         args = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                 "--disable-auto-launch", "--base-directory", str(self.base),
@@ -298,14 +301,16 @@ def test_api_workflow_runs(server, path):
     kind, data, progress, frames, history = asyncio.run(server.run(prompt))
     assert kind == "execution_success", f"{kind}: {data}\n{server.log_tail()}"
     samplers = {k for k, n in prompt.items() if n["class_type"] == "LDMSample"}
-    assert {p["node"] for p in progress} == samplers
+    scorers = {k for k, n in prompt.items() if n["class_type"] == "LDMLikelihood"}
+    assert {p["node"] for p in progress} == samplers | scorers
     for node in samplers:
         steps = [p for p in progress if p["node"] == node]
         assert steps[-1]["value"] == steps[-1]["max"] and len(steps) == steps[-1]["max"]
-    # One preview per step: event type PREVIEW_IMAGE (1), image type JPEG (1), a decodable image.
-    assert len(frames) == len(progress)
-    assert {f[:8] for f in frames} == {bytes([0, 0, 0, 1, 0, 0, 0, 1])}
-    Image.open(io.BytesIO(frames[-1][8:])).verify()
+    # One preview per sampling step: event type PREVIEW_IMAGE (1), image type JPEG (1), a decodable image.
+    assert len(frames) == len([p for p in progress if p["node"] in samplers])
+    if frames:
+        assert {f[:8] for f in frames} == {bytes([0, 0, 0, 1, 0, 0, 0, 1])}
+        Image.open(io.BytesIO(frames[-1][8:])).verify()
     assert history["status"]["status_str"] == "success"
     saves = {k for k, n in prompt.items() if n["class_type"] == "SaveImage"}
     assert set(history["outputs"]) == saves
@@ -415,3 +420,46 @@ def test_core_set_latent_noise_mask_keeps_the_unmasked_region(server):
         final, original = torch.from_numpy(np.asarray(final).copy()), torch.from_numpy(np.asarray(original).copy())
     keep = original[..., 3] == 255
     assert torch.equal(final[keep], original[..., :3][keep])
+
+
+def core_unet(path):
+    """A UNet that core ComfyUI detects as SD2.x (eps): model_channels 320, context 1024, linear
+    projections; one level, so 26 M parameters, random weights in fp16."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    unet = UNetModel(UNetConfig(4, 4, 320, (1,), 1, (0,), 1, 1024, num_heads=5, use_linear_in_transformer=True))
+    save_file({f"model.diffusion_model.{k}": v.half().contiguous() for k, v in unet.state_dict().items()}, path)
+
+
+def test_sampler_custom_samples_a_core_model_with_our_sampler(server):
+    """UNETLoader -> SamplerCustom with LDMSamplerSelect's SAMPLER (LotusConditioning: a fixed 1024-wide
+    conditioning, so no text encoder file is needed) -> SaveLatent. Our euler gives core's euler."""
+    from safetensors.torch import load_file
+    (server.base / "models" / "diffusion_models").mkdir(parents=True, exist_ok=True)
+    core_unet(server.base / "models" / "diffusion_models" / "ldm_nodes_test_sd2.safetensors")
+    latents = {}
+    for name, sampler in (("ours_euler", ("LDMSamplerSelect", {"sampler_name": "euler", "eta": -1.0,
+                                                               "ddpm_variance": "beta_tilde"})),
+                          ("core_euler", ("KSamplerSelect", {"sampler_name": "euler"})),
+                          ("ours_ddpm", ("LDMSamplerSelect", {"sampler_name": "ddpm", "eta": -1.0,
+                                                              "ddpm_variance": "beta"}))):
+        prompt = {
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "ldm_nodes_test_sd2.safetensors",
+                                                         "weight_dtype": "default"}},
+            "2": {"class_type": "LotusConditioning", "inputs": {}},
+            "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "4": {"class_type": sampler[0], "inputs": sampler[1]},
+            "5": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 4,
+                                                             "denoise": 1.0}},
+            "6": {"class_type": "SamplerCustom", "inputs": {
+                "model": ["1", 0], "add_noise": True, "noise_seed": 7, "cfg": 2.0, "positive": ["2", 0],
+                "negative": ["2", 0], "sampler": ["4", 0], "sigmas": ["5", 0], "latent_image": ["3", 0]}},
+            "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"latents/{name}"}},
+        }
+        kind, data, _, _, history = asyncio.run(server.run(prompt))
+        assert kind == "execution_success", f"{name}: {kind}: {data}\n{server.log_tail()}"
+        (saved,) = history["outputs"]["7"]["latents"]
+        latents[name] = load_file(server.base / "output" / saved["subfolder"] / saved["filename"])["latent_tensor"]
+    assert latents["ours_euler"].shape == (1, 4, 8, 8) and torch.isfinite(latents["ours_ddpm"]).all()
+    torch.testing.assert_close(latents["ours_euler"], latents["core_euler"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(latents["ours_ddpm"], latents["ours_euler"], atol=1e-2)

@@ -173,14 +173,16 @@ def test_nll_command_prints_one_line_per_image_and_the_unit_once(pixel_file, tmp
     args = [noise, flat, "--model", "pixel.safetensors", "--models-dir", str(pixel_file), "--steps", "16"]
     assert main(["nll", *args]) == 0
     out, err = capsys.readouterr()
-    lines = [line.split("\t") for line in out.strip().splitlines()]
-    assert [p for p, _ in lines] == [noise, flat]
-    assert err.count("bits/dim") == 1 and "bits/dim" not in out
+    lines = [line.split("\t") for line in out.strip().splitlines()]  # path, bound, its standard error
+    assert [p for p, _, _ in lines] == [noise, flat]
+    assert err.count("bits/dim") == 1 and "bits/dim" not in out and "standard error" in err
     assert main(["nll", *args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["unit"] == "bits/dim" and [r["image"] for r in report["images"]] == [noise, flat]
-    assert [round(r["nll"], 4) for r in report["images"]] == [float(v) for _, v in lines]
-    assert "standard_error" in report["images"][0]
+    assert [round(r["nll"], 4) for r in report["images"]] == [float(v) for _, v, _ in lines]
+    assert [round(r["standard_error"], 4) for r in report["images"]] == [float(e) for _, _, e in lines]
+    assert main(["nll", noise, "--model", "pixel.safetensors", "--models-dir", str(pixel_file)]) == 0
+    assert len(capsys.readouterr().out.strip().split("\t")) == 2  # all timesteps: no standard error
 
 
 @pytest.mark.parametrize("make, message", [
@@ -193,6 +195,12 @@ def test_nll_command_names_the_bad_image(pixel_file, tmp_path, capsys, make, mes
     assert main(["nll", path, "--model", "pixel.safetensors", "--models-dir", str(pixel_file), "--steps", "4"]) == 1
     err = capsys.readouterr().err
     assert "error:" in err and message in err and "bad.png" in err
+
+
+def test_nll_command_checks_the_images_before_loading_the_model(tmp_path, capsys):
+    assert main(["nll", str(tmp_path / "typo.png"), "--model", "nope.safetensors", "--models-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "typo.png: cannot read the image" in err and "nope" not in err
 
 
 def test_nll_command_names_a_missing_model(tmp_path, capsys):

@@ -87,6 +87,11 @@ CONTRACT = {
         "optional": [("conditioning", "LDM_CONDITIONING")],
         "outputs": [("nll", "FLOAT"), ("plot", "IMAGE")],
     },
+    "LDMSamplerSelect": {
+        "required": [("sampler_name", SAMPLER_NAMES), ("eta", "FLOAT"), ("ddpm_variance", DDPM_VARIANCES)],
+        "optional": [],
+        "outputs": [("SAMPLER", "SAMPLER")],
+    },
 }
 
 
@@ -184,7 +189,8 @@ def test_every_node_and_input_is_documented(node):
     tips = getattr(cls, "OUTPUT_TOOLTIPS", ())
     assert len(tips) == len(cls.RETURN_TYPES) and all(isinstance(t, str) and t.strip() for t in tips)
     for kind in cls.RETURN_TYPES:
-        assert kind in ("LATENT", "IMAGE", "SIGMAS", "FLOAT") or kind.startswith("LDM_"), f"{node} returns {kind}"
+        assert kind in ("LATENT", "IMAGE", "SIGMAS", "SAMPLER", "FLOAT") or kind.startswith("LDM_"), \
+            f"{node} returns {kind}"
 
 
 def test_display_names_cover_every_node_and_are_distinct():
@@ -208,7 +214,7 @@ sys.meta_path.insert(0, Block())
 import ldm_nodes, ldm_nodes.runner, ldm_nodes.routes
 from ldm_nodes.nodes import host
 assert not host.in_comfyui()
-assert len(ldm_nodes.NODE_CLASS_MAPPINGS) == 8
+assert len(ldm_nodes.NODE_CLASS_MAPPINGS) == 9
 left = sorted(m for m in sys.modules if m.split('.')[0] in HOST)
 assert not left, left
 print('imported')

@@ -223,7 +223,7 @@ def test_linked_sigmas_with_denoise_below_one_are_refused():
         run_sigmas(stub_model(), ScheduleSpec("model", 10, "karras"), 0.5, torch.tensor([2.0, 1.0, 0.0]))
 
 
-@pytest.mark.parametrize("bad", [[1.0, 2.0, 0.0], [3.0, 1.0, 0.5], [3.0, 3.0, 0.0], [0.0], [2.0, 0.0, 0.0]])
+@pytest.mark.parametrize("bad", [[1.0, 2.0, 0.0], [3.0, 1.0, -0.5], [3.0, 3.0, 0.0], [0.0], [2.0, 0.0, 0.0]])
 def test_malformed_linked_sigmas_are_refused(bad):
     with pytest.raises(ValueError, match="sigmas"):
         run_sigmas(stub_model(), ScheduleSpec("model", 10, "karras"), 1.0, torch.tensor(bad))

@@ -224,6 +224,13 @@ def test_progress_prints_node_bars_during_a_run_only(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [f"[node 5 Stepper] {i}/3" for i in (1, 2, 3)]
 
 
+def test_progress_can_be_turned_off(tmp_path, capsys):
+    """The CLI's --quiet: no progress lines, on a terminal or not."""
+    run(graph(n1=make(), n5=node("Stepper", image=["1", 0]), n6=node("Sink", image=["5", 0])), tmp_path,
+        show_progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_progress_redraws_one_line_on_a_terminal(tmp_path, monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self):
@@ -393,7 +400,8 @@ def test_cli_malformed_json_names_file_and_line_without_traceback(tmp_path):
      "node 1 (KSampler): no such node; headless runs know only this pack's nodes and the stand-ins"),
     (graph(n1=node("LoadImage", image="a.png"), n2=node("SaveImage", images=["1", 0], filename_prefix="x")),
      ["--set", "2.prefix=y"], "--set 2.prefix=y: node 2 (SaveImage) has no input 'prefix'"),
-    ({"nodes": [], "links": []}, [], "UI format"),
+    ({"nodes": [{"id": 3, "type": "KSampler", "widgets_values": []}], "links": []}, [],
+     "node 3 (KSampler): cannot run headless"),
     (graph(n1=node("LoadImage", image="a.png")), ["--device", "no_such_device"], "device 'no_such_device'"),
 ])
 def test_cli_errors_exit_non_zero_with_a_message(tmp_path, capsys, prompt, extra_args, message):

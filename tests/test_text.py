@@ -6,7 +6,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import gzip
 import hashlib
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -216,21 +215,9 @@ def test_layer_out_of_range():
 # Config inference from checkpoint shapes
 
 
-def _sd15_keys():
-    shared = Path(os.environ.get("LDM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-    path = shared / "sd15_keys.txt"
-    if not path.exists():
-        pytest.skip(f"{path} not found (set LDM_SHARED_DIR)")
-    shapes = {}
-    for line in path.read_text().splitlines():
-        key, shape = line.split("\t")
-        shapes[key] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
-    return shapes
-
-
-def test_infer_text_config_sd15():
+def test_infer_text_config_sd15(sd15_shapes):
     prefix = "cond_stage_model.transformer."
-    file_shapes = {k: v for k, v in _sd15_keys().items() if k.startswith(prefix)}
+    file_shapes = {k: v for k, v in sd15_shapes.items() if k.startswith(prefix)}
     # Old checkpoints also store the buffer text_model.embeddings.position_ids [1, 77] (this list
     # does not); we ignore it and use arange(n), so it is no part of our state dict.
     file_shapes.pop(prefix + "text_model.embeddings.position_ids", None)

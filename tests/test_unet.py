@@ -4,7 +4,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -77,23 +76,8 @@ def test_timestep_embedding_formula():
     assert (got - want).abs().max() < 1e-6  # same rounding as the original
 
 
-def sd15_unet_shapes():
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "sd15_keys.txt"]
-    if os.environ.get("LDM_SHARED_DIR"):
-        candidates.insert(0, Path(os.environ["LDM_SHARED_DIR"]) / "sd15_keys.txt")
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        pytest.skip("sd15_keys.txt not found (set LDM_SHARED_DIR)")
-    shapes = {}
-    for line in path.read_text().splitlines():
-        key, shape = line.split("\t")
-        if key.startswith(PREFIX):
-            shapes[key[len(PREFIX):]] = tuple(json.loads(shape))
-    return shapes
-
-
-def test_infer_sd15_config_and_layout():
-    shapes = sd15_unet_shapes()
+def test_infer_sd15_config_and_layout(sd15_shapes):
+    shapes = {key[len(PREFIX):]: shape for key, shape in sd15_shapes.items() if key.startswith(PREFIX)}
     assert len(shapes) == 686
     cfg = infer_unet_config(shapes)
     assert cfg == UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),

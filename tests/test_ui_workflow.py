@@ -1,0 +1,179 @@
+"""The files users share run headless: UI-format workflows (ComfyUI's Save) and the PNGs that ComfyUI or
+the runner wrote, converted as ComfyUI's frontend converts a graph to a prompt (ui_workflow.py)."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import ldm_nodes
+from ldm_nodes import runner
+from ldm_nodes.__main__ import main
+from ldm_nodes.ui_workflow import ui_to_api
+
+PACK = Path(ldm_nodes.__file__).resolve().parent
+WORKFLOWS = PACK / "workflows"
+NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+REGISTRY = runner.default_registry()
+
+
+def ui(name):
+    return runner.read_json(WORKFLOWS / f"{name}.json")
+
+
+def sample_node(workflow):
+    return next(n for n in workflow["nodes"] if n["type"] == "LDMSample")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_shipped_ui_workflow_converts_to_exactly_its_api_twin(name):
+    assert ui_to_api(ui(name), REGISTRY) == runner.read_json(WORKFLOWS / "api" / f"{name}.json")
+
+
+def test_the_control_value_after_a_seed_is_skipped_and_may_be_missing():
+    workflow = ui("txt2img")
+    sample = sample_node(workflow)
+    expected = ui_to_api(workflow, REGISTRY)[str(sample["id"])]["inputs"]
+    sample["widgets_values"][:2] = [7, "randomize"]
+    assert ui_to_api(workflow, REGISTRY)[str(sample["id"])]["inputs"] == {**expected, "seed": 7}
+    del sample["widgets_values"][1]  # a file written without the control value: nothing shifts
+    assert ui_to_api(workflow, REGISTRY)[str(sample["id"])]["inputs"] == {**expected, "seed": 7}
+
+
+def test_optional_widgets_missing_at_the_end_take_their_defaults_extra_values_are_refused():
+    workflow = ui("txt2img")
+    sample = sample_node(workflow)
+    del sample["widgets_values"][-3:]  # a file saved before eta, guidance_rescale, ddpm_variance existed
+    inputs = ui_to_api(workflow, REGISTRY)[str(sample["id"])]["inputs"]
+    assert (inputs["eta"], inputs["guidance_rescale"], inputs["ddpm_variance"]) == (-1.0, 0.0, "beta_tilde")
+    sample["widgets_values"] += [-1.0, 0.0, "beta_tilde", "surplus"]
+    with pytest.raises(runner.WorkflowError, match="more value"):
+        ui_to_api(workflow, REGISTRY)
+    del sample["widgets_values"][4:]
+    with pytest.raises(runner.WorkflowError, match="no value for 'denoise'"):
+        ui_to_api(workflow, REGISTRY)
+
+
+def add_node(workflow, **node):
+    workflow["nodes"].append(node)
+    return node
+
+
+def relink(workflow, link_id, source, slot=0):
+    """Point the existing link `link_id` at output `slot` of node `source`."""
+    for link in workflow["links"]:
+        if link[0] == link_id:
+            link[1:3] = [source, slot]
+
+
+def test_a_widget_converted_to_an_input_takes_a_primitive_nodes_value():
+    workflow = ui("txt2img")
+    sample = sample_node(workflow)
+    add_node(workflow, id=20, type="PrimitiveNode", mode=0, widgets_values=[1234, "fixed"],
+             outputs=[{"name": "INT", "type": "INT", "links": [30]}])
+    sample["inputs"].append({"name": "seed", "type": "INT", "link": 30, "widget": {"name": "seed"}})
+    workflow["links"].append([30, 20, 0, sample["id"], len(sample["inputs"]) - 1, "INT"])
+    assert ui_to_api(workflow, REGISTRY)[str(sample["id"])]["inputs"]["seed"] == 1234
+
+
+def test_reroutes_and_notes_vanish_bypassed_nodes_pass_their_input_on_muted_nodes_are_left_out():
+    workflow = ui("img2img")
+    expected = runner.read_json(WORKFLOWS / "api" / "img2img.json")
+    # LoadImage (5) -> Reroute (21) -> LDMEncodeImage (9), and a note beside them
+    encode = next(n for n in workflow["nodes"] if n["id"] == 9)
+    image_link = encode["inputs"][1]["link"]
+    add_node(workflow, id=21, type="Reroute", mode=0, inputs=[{"name": "", "type": "*", "link": 40}],
+             outputs=[{"name": "", "type": "IMAGE", "links": [image_link]}])
+    workflow["links"].append([40, 5, 0, 21, 0, "IMAGE"])
+    relink(workflow, image_link, 21)
+    add_node(workflow, id=22, type="Note", mode=0, widgets_values=["the image goes through a reroute"])
+    assert ui_to_api(workflow, REGISTRY) == expected
+    # bypassing LDMEncodeImage hands LDMSample... nothing of type LATENT: its latent input stays unset
+    encode["mode"] = 4
+    bypassed = ui_to_api(workflow, REGISTRY)
+    assert "9" not in bypassed and "latent" not in bypassed["6"]["inputs"]
+    encode["mode"] = 2
+    muted = ui_to_api(workflow, REGISTRY)
+    assert "9" not in muted and "latent" not in muted["6"]["inputs"]
+    with pytest.raises(runner.WorkflowError, match=r"node 6 \(LDMSample\) input 'latent': required input"):
+        runner.validate(muted, input_dir=PACK / "input")
+
+
+def test_a_bypassed_node_passes_the_input_of_its_output_type():
+    workflow = ui("txt2img")
+    add_node(workflow, id=23, type="LDMDecodeLatent", mode=4,
+             inputs=[{"name": "vae", "type": "LDM_VAE", "link": 50}, {"name": "samples", "type": "LATENT", "link": 51}],
+             outputs=[{"name": "IMAGE", "type": "IMAGE", "links": []}])
+    workflow["links"] += [[50, 1, 2, 23, 0, "LDM_VAE"], [51, 6, 0, 23, 1, "LATENT"]]
+    decode = next(n for n in workflow["nodes"] if n["id"] == 7)  # its samples now come through node 23
+    decode["inputs"][1]["link"] = 52
+    workflow["links"].append([52, 23, 0, 7, 1, "LATENT"])
+    with pytest.raises(runner.WorkflowError):  # IMAGE output, no IMAGE input: the link is dropped ...
+        runner.validate(ui_to_api(workflow, REGISTRY), input_dir=PACK / "input")
+    workflow["nodes"][-1]["outputs"][0]["type"] = "LATENT"  # ... a LATENT output passes its LATENT input on
+    assert ui_to_api(workflow, REGISTRY)["7"]["inputs"]["samples"] == ["6", 0]
+
+
+def test_links_in_the_object_format_convert_the_same():
+    workflow = ui("txt2img")
+    workflow["links"] = [{"id": i, "origin_id": a, "origin_slot": s, "target_id": b, "target_slot": t, "type": k}
+                         for i, a, s, b, t, k in workflow["links"]]
+    assert ui_to_api(workflow, REGISTRY) == runner.read_json(WORKFLOWS / "api" / "txt2img.json")
+
+
+def test_nodes_it_cannot_run_are_named_in_one_line():
+    workflow = ui("txt2img")
+    add_node(workflow, id=30, type="KSampler", mode=0, widgets_values=[])
+    add_node(workflow, id=31, type="0f2a-group-node", mode=0, widgets_values=[])
+    add_node(workflow, id=32, type="OtherPackNode", mode=4, widgets_values=[])  # bypassed: passes through
+    with pytest.raises(runner.WorkflowError) as caught:
+        ui_to_api(workflow, REGISTRY)
+    message = str(caught.value)
+    assert "\n" not in message and "node 30 (KSampler), node 31 (0f2a-group-node): cannot run headless" in message
+
+
+def test_legacy_upload_button_value_of_load_image_is_skipped():
+    workflow = ui("img2img")
+    load = next(n for n in workflow["nodes"] if n["type"] == "LoadImage")
+    load["widgets_values"] = ["shapes.png", "image"]
+    assert ui_to_api(workflow, REGISTRY)["5"]["inputs"] == {"image": "shapes.png"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, with the built-in model
+
+
+def test_a_ui_workflow_runs_and_its_png_runs_again_to_the_same_bytes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(WORKFLOWS / "txt2img.json"), "--out", "first", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""  # --quiet: no progress lines
+    png = Path(captured.out.strip())
+    with Image.open(png) as image:
+        assert json.loads(image.info["workflow"]) == ui("txt2img")  # ComfyUI's canvas opens this graph
+        assert json.loads(image.info["prompt"]) == runner.read_json(WORKFLOWS / "api" / "txt2img.json")
+    assert main(["run", str(png), "--out", "second", "--quiet"]) == 0
+    again = Path(capsys.readouterr().out.strip())
+    assert again != png and again.read_bytes() == png.read_bytes()
+
+
+def test_a_png_with_only_a_workflow_or_with_nothing(tmp_path):
+    """ComfyUI writes both; a PNG whose prompt was stripped still runs from its workflow."""
+    info = PngInfo()
+    info.add_text("workflow", json.dumps(ui("txt2img")))
+    Image.new("RGB", (4, 4)).save(tmp_path / "graph.png", pnginfo=info)
+    prompt, workflow = runner.read_workflow(tmp_path / "graph.png")
+    assert prompt == runner.read_json(WORKFLOWS / "api" / "txt2img.json") and workflow == ui("txt2img")
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
+    with pytest.raises(runner.WorkflowError, match="plain.png: this PNG holds no workflow"):
+        runner.read_workflow(tmp_path / "plain.png")
+
+
+def test_with_overrides_the_png_embeds_the_prompt_that_ran_and_no_stale_graph(tmp_path, capsys):
+    workflow = copy.deepcopy(ui("txt2img"))
+    (tmp_path / "wf.json").write_text(json.dumps(workflow))
+    assert main(["run", str(tmp_path / "wf.json"), "--out", str(tmp_path / "out"), "-q", "--set", "4.steps=3"]) == 0
+    with Image.open(capsys.readouterr().out.strip()) as image:
+        assert "workflow" not in image.info and json.loads(image.info["prompt"])["4"]["inputs"]["steps"] == 3

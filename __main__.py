@@ -183,6 +183,7 @@ def _nll(args):
     import torch
 
     from .core.checkpoint import load_checkpoint, read_header
+    from .core.errors import InputError
     from .core.images import read_image
     from .core.pipeline import DiffusionModel, likelihood
     from .core.text import CLIPTokenizer, encode_prompt
@@ -196,6 +197,9 @@ def _nll(args):
         if not 0 <= args.seed < 2**64:
             raise ValueError(f"--seed: must be in [0, 2^64 - 1], got {args.seed}")
         device = usable_device(args.device)
+        for image in args.images:  # a mistyped name fails before any model is looked up
+            if not Path(image).is_file():
+                raise InputError(image, "no such file")
         set_model_dirs(args.models_dir)
         path = resolve_model(args.model)
         header = read_header(path)

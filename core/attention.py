@@ -13,6 +13,7 @@ splitting them would only cost speed.
 """
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 CHUNK_BYTES = 32 * 2**20  # the largest score matrix [B, heads, chunk, M] one call may hold
 FUSED_HEAD_WIDTH = 128
@@ -24,15 +25,15 @@ def attention(q, k, v, heads, *, causal=False):
     q: [B, N, heads * d]; k, v: [B, M, heads * d]. Returns [B, N, heads * d].
     `causal` masks each query from the keys after it (the CLIP text encoder's mask).
     """
-    b, n, width = q.shape
-    d = width // heads
-    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    n = q.shape[1]
+    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
+    b, _, _, d = q.shape
     chunk = query_chunk(b, heads, n, k.shape[2], q.element_size())
     if causal or chunk >= n or (q.is_cuda and d <= FUSED_HEAD_WIDTH):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
         out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v) for i in range(0, n, chunk)], 2)
-    return out.transpose(1, 2).reshape(b, n, width)
+    return rearrange(out, "b h n d -> b n (h d)")
 
 
 def query_chunk(batch, heads, n, m, itemsize):

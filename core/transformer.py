@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .attention import attention
@@ -218,8 +219,7 @@ class TransformerModel(nn.Module):
 
         shift, scale = (self.final_scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)
         out = self.final_linear(_modulate(tokens, shift, scale))  # [B, h*w, p*p*c]
-        out = out.reshape(b, h, w, p, p, cfg.out_channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(b, cfg.out_channels, height, width)
+        return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)  # unpatchify
 
 
 def default_heads(width):

@@ -427,8 +427,8 @@ def test_cuda_sd15_shaped_sample_and_decode_memory():
     g = torch.Generator().manual_seed(1)
     cond, uncond = (Conditioning(torch.randn(1, 77, 768, generator=g), "") for _ in range(2))
     torch.cuda.reset_peak_memory_stats()
-    latent = sample(DiffusionModel(unet, schedule, "eps", 0.18215, 4), torch.zeros(1, 4, 64, 64), cond, uncond, 0,
-                    "dpmpp_2m", 7.5, sampling_schedule(schedule, 4, "karras").sigmas)
+    latent = sample(DiffusionModel(unet, schedule, "eps", 0.18215, 4), torch.zeros(1, 4, 64, 64), cond, uncond,
+                    seed=0, sampler_name="dpmpp_2m", cfg=7.5, sigmas=sampling_schedule(schedule, 4, "karras").sigmas)
     image = decode_latent(vae, latent)
     assert image.shape == (1, 512, 512, 3) and not accel._CAPTURED[unet].broken
     allocated = (torch.cuda.max_memory_allocated() - weights) / 2**30

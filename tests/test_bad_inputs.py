@@ -271,8 +271,8 @@ def test_non_finite_floats_are_refused_inside_comfyui_too():
     for name in ("cfg", "eta", "guidance_rescale"):
         options = {"cfg": 5.0, "eta": -1.0, "guidance_rescale": 0.0, name: float("nan")}
         with pytest.raises(InputError, match=rf"^{name}: nan is not a finite number"):
-            sample(None, torch.zeros(1, 4, 8, 8), None, None, 0, "euler", options["cfg"], torch.ones(2),
-                   options["guidance_rescale"], options["eta"])
+            sample(None, torch.zeros(1, 4, 8, 8), None, None, seed=0, sampler_name="euler", cfg=options["cfg"],
+                   sigmas=torch.ones(2), guidance_rescale=options["guidance_rescale"], eta=options["eta"])
 
 
 @pytest.mark.parametrize("target, value, names", [
@@ -521,7 +521,8 @@ else:
     z = torch.zeros(batch, 4, size // f, size // f)
     c = pipeline.Conditioning(torch.randn(1, 77, ck.denoiser.config.context_dim), "")
     estimate = memory.estimate_peak("sample", ck.denoiser, z.shape, f)
-    run = lambda: pipeline.sample(model, z, c, c, 0, "euler", 5.0, torch.tensor([14.6, 0.0], dtype=torch.float64))
+    run = lambda: pipeline.sample(model, z, c, c, seed=0, sampler_name="euler", cfg=5.0,
+                                     sigmas=torch.tensor([14.6, 0.0], dtype=torch.float64))
 base = resident()
 run()
 print(json.dumps({"estimate": estimate, "measured": status("VmHWM") - base}))

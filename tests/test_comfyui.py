@@ -353,8 +353,10 @@ def test_unknown_model_is_refused_by_validation(server):
             return await server.post(s, "/prompt", {"prompt": workflow(WORKFLOWS[0], "missing.safetensors")})
     status, body = asyncio.run(post())
     assert status == 400
-    errors = [e["type"] for e in body["node_errors"]["1"]["errors"]]
-    assert errors == ["value_not_in_list"], body
+    # LDMLoadModel validates ckpt_name itself (VALIDATE_INPUTS resolves it, so the CLI can take a path),
+    # so ComfyUI reports its custom validation, naming the input
+    errors = [(e["type"], e["extra_info"].get("input_name")) for e in body["node_errors"]["1"]["errors"]]
+    assert errors == [("custom_validation_failed", "ckpt_name")], body
 
 
 def test_interrupt_stops_a_long_run(server):

@@ -20,9 +20,8 @@ def _check_train_args(args):
     """Refuse, naming the flag, every setting that cannot work, before anything is read or written."""
     import math
 
-    import torch
-
     from .core.errors import InputError
+    from .runner import usable_device
 
     for flag, (low, high) in TRAIN_RANGES.items():
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -37,14 +36,7 @@ def _check_train_args(args):
         raise InputError("--out", f"{args.out} is a file, not a folder")
     if any(parent.exists() and not parent.is_dir() for parent in out.absolute().parents):
         raise InputError("--out", f"{args.out} lies under a file")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise InputError("--device", f"{args.device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise InputError("--device", f"{args.device}: this machine's torch has no such CUDA device")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError("--device", "mps is not available on this machine")
+    device = usable_device(args.device)
     if device.type not in ("cpu", "cuda", "mps"):
         raise InputError("--device", f"{args.device}: training runs on cpu, cuda or mps")
     if args.precision == "bf16" and device.type == "cpu":

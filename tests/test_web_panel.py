@@ -28,6 +28,7 @@ from ldm_nodes.core.checkpoint import METADATA_KEY
 WEB = Path(__file__).resolve().parents[1] / "web"
 PANEL = WEB / "ldm_schedule_panel.js"
 PLOT = WEB / "schedule_plot.js"
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-shapes-pixel.safetensors"
 COMFY_IMPORTS = {"../../scripts/app.js", "../../scripts/api.js"}
 IMPORT = re.compile(r"""(?:\bimport\s*(?:[\w{}*,\s]+from\s*)?|\bimport\s*\(\s*|\bexport\s+[\w{}*,\s]+from\s*)["']([^"']+)["']""")
 
@@ -347,6 +348,20 @@ def save_pngs(value, folder, name="page"):
                 save_pngs(item, folder, f"{name}_{key}")
 
 
+def copy_with_schedule(source, target, schedule):
+    """A copy of a shipped model whose metadata names another training schedule: the route reads
+    only the header, but validates it as the loader does, so the file must be a whole model."""
+    data = source.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    record = json.loads(header["__metadata__"][METADATA_KEY])
+    record["schedule"] = schedule
+    header["__metadata__"][METADATA_KEY] = json.dumps(record)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads its header to 8 bytes
+    target.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
 @pytest.fixture(scope="module")
 def browser_results(tmp_path_factory):
     if chromium() is None:
@@ -354,10 +369,7 @@ def browser_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     schedule = {"beta_schedule": "linear", "num_timesteps": 400, "beta_start": None, "beta_end": None,
                 "zero_terminal_snr": False}
-    header = {"x": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},
-              "__metadata__": {METADATA_KEY: json.dumps({"schedule": schedule})}}
-    raw = json.dumps(header).encode()
-    (root / "tiny.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    copy_with_schedule(SHIPPED_MODEL, root / "tiny.safetensors", schedule)
     model_paths.set_model_dirs([root])
     try:
         with Server(make_test_app()) as server:

@@ -178,6 +178,7 @@ def _nll(args):
     from .core.errors import InputError
     from .core.images import read_image
     from .core.pipeline import DiffusionModel, likelihood
+    from .core.progress import TextProgress
     from .core.text import CLIPTokenizer, encode_prompt
     from .model_paths import resolve_model, set_model_dirs
     from .runner import usable_device
@@ -218,12 +219,17 @@ def _nll(args):
     results = []
     for path, pixels in zip(args.images, images):
         image = torch.from_numpy(pixels)[None]
+        bar = TextProgress(f"nll {path}")
+        report = None if args.quiet else (lambda done, total: bar.update(done, total, "network calls"))
         try:
-            bound = likelihood(model, checkpoint.vae, image, context, args.variance, args.steps, args.seed)
+            bound = likelihood(model, checkpoint.vae, image, context, args.variance, args.steps, args.seed,
+                               progress=report)
+            bar.close()  # before any message, so it starts a line of its own
             if not math.isfinite(float(bound.total[0])):
                 raise FloatingPointError(f"the bound is {float(bound.total[0])}: the model's output is not finite "
                                          "for this image")
         except (ValueError, FloatingPointError) as error:
+            bar.close()
             return _fail(f"{path}: {error}")
         per_dim = bound.nats[0] / bound.total[0]  # nats per image -> the unit
         row = {"image": path, "nll": float(bound.total[0]), "prior": float(bound.prior[0] / per_dim),
@@ -348,6 +354,7 @@ def main(argv=None):
     nll.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     nll.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
     nll.add_argument("--device", default="cpu", help="torch device")
+    nll.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr (errors still show)")
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args)

@@ -185,6 +185,17 @@ def test_nll_command_prints_one_line_per_image_and_the_unit_once(pixel_file, tmp
     assert len(capsys.readouterr().out.strip().split("\t")) == 2  # all timesteps: no standard error
 
 
+def test_nll_command_shows_progress_per_network_call_unless_quiet(pixel_file, tmp_path, capsys):
+    flat = write(tmp_path / "flat.png", np.full((8, 8, 3), 128, np.uint8))
+    args = [flat, "--model", "pixel.safetensors", "--models-dir", str(pixel_file), "--steps", "16"]
+    assert main(["nll", *args]) == 0
+    err = capsys.readouterr().err
+    progress = [line for line in err.splitlines() if line.startswith(f"[nll {flat}]")]
+    assert progress and progress[-1].endswith("1/1 network calls") and "\r" not in err  # not a terminal: lines
+    assert main(["nll", *args, "--quiet"]) == 0
+    assert "network calls" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: write(p, np.zeros((8, 8, 4), np.uint8), "RGBA"), "mode RGBA"),
     (lambda p: write(p, np.zeros((16, 16, 3), np.uint8)), "16x16, but this model was trained on 8x8"),

@@ -1,5 +1,6 @@
-"""`train` under torchrun: 2 gloo processes on the CPU train the same model as 1 process with the same
-global batch, and only rank 0 writes files."""
+"""`train` under torchrun: 2 gloo processes on the CPU, stopped after one denoiser step and resumed,
+train the same model as 1 process running uninterrupted with the same global batch, and only rank 0
+writes files."""
 import json
 import os
 import subprocess
@@ -14,15 +15,15 @@ from ldm_nodes.__main__ import main
 
 # Stage 1 and the denoiser, both with --flip (so the per-rank slices of every draw are exercised):
 # a global batch of 4 images, as 4 in one process or 2 in each of two.
-ARGS = ["--images", "12", "--resolution", "32", "--vae-steps", "2", "--steps", "2", "--save-every", "1",
-        "--val", "2", "--workers", "0", "--flip"]
+ARGS = ["--images", "12", "--resolution", "32", "--vae-steps", "2", "--save-every", "1", "--val", "2",
+        "--workers", "0", "--flip"]
 
 # Runs the command line with every file write of the process logged to WRITES.<rank>.
 LAUNCHER = textwrap.dedent("""
     import builtins, os, sys
     import safetensors.torch
 
-    log = open(os.environ["WRITES"] + "." + os.environ["RANK"], "w")
+    log = open(os.environ["WRITES"] + "." + os.environ["RANK"], "a")
 
     def record(path):
         log.write(os.path.abspath(os.fspath(path)) + "\\n")
@@ -69,19 +70,24 @@ def assert_near(got, want, what):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
-def test_two_gloo_processes_train_what_one_process_trains_with_the_same_global_batch(tmp_path):
+def test_two_gloo_processes_stopped_and_resumed_train_what_one_process_trains_with_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["train", "--out", str(one), "--batch-size", "4", "--vae-batch-size", "4", *ARGS]) == 0
+    assert main(["train", "--out", str(one), "--batch-size", "4", "--vae-batch-size", "4", *ARGS,
+                 "--steps", "2"]) == 0
 
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
     env = {**os.environ, "WRITES": str(tmp_path / "writes"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
-         "train", "--out", str(two), "--batch-size", "2", "--vae-batch-size", "2", *ARGS],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = []
+    for steps in ("1", "2"):  # the first run stops after one denoiser step; the second resumes its state
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
+             "train", "--out", str(two), "--batch-size", "2", "--vae-batch-size", "2", *ARGS, "--steps", steps],
+            env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout.split())
+    assert "denoiser: resuming at step 1" in result.stderr, result.stderr[-3000:]
 
     # The same weights and the same Adam moments in both stages.
     for state in ("autoencoder-state.safetensors", "denoiser-state.safetensors"):
@@ -96,5 +102,5 @@ def test_two_gloo_processes_train_what_one_process_trains_with_the_same_global_b
     written = {rank: (tmp_path / f"writes.{rank}").read_text().split() for rank in (0, 1)}
     assert not [p for p in written[1] if p.startswith(str(two))], written[1]
     assert str(two / "model.safetensors") in written[0]
-    assert result.stdout.split() == [str(two / "model.safetensors")]
+    assert outputs == [[str(two / "model.safetensors")]] * 2
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())

@@ -19,7 +19,8 @@ panel's JS; every workflows/api/*.json runs to execution_success over the websoc
 progress and preview frames, and its SaveImage files exist; a bad ckpt_name is refused by
 validation; POST /interrupt stops a long run; POST /free, then a run loads the models again; core's
 SamplerCustom samples a core MODEL (a small SD2-shaped UNet with random weights) with LDMSamplerSelect's
-SAMPLER, its euler matching core's own.
+SAMPLER, its euler matching core's own. A model that `train --data` wrote from a folder of captioned
+pictures runs once dropped into models/ldm.
 Masks: the runner's stand-ins declare the inputs of ComfyUI's own mask nodes; core's SetLatentNoiseMask
 on LDMEncodeImage's latent makes LDMSample keep the latent outside the mask exactly (read back through
 core's SaveLatent), and core's ImageCompositeMasked then gives the original pixels outside the mask.
@@ -344,6 +345,30 @@ def test_likelihood_node_scores_an_image_and_previews_its_plot(server):
 
 def test_model_from_extra_model_paths_runs(server):
     kind, data, *_ = asyncio.run(server.run(workflow(REPO / "workflows" / "api" / "txt2img.json", EXTRA_MODEL, 2)))
+    assert kind == "execution_success", data
+
+
+def test_a_model_trained_on_a_folder_of_pictures_runs(server, tmp_path):
+    """`train --data` on a few captioned pictures that are not the procedural shapes (default tiny
+    configs, a few steps), its model.safetensors dropped into models/ldm of the running server, then
+    picked by name in the txt2img workflow."""
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        gradient = np.linspace(0, 255, 48, dtype=np.float32)[None, :, None] * rng.uniform(0.2, 1, 3)
+        pixels = np.clip(gradient + rng.normal(0, 20, (48, 48, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(pictures / f"p{i}.png")
+        (pictures / f"p{i}.txt").write_text(f"a noisy gradient number {i}")
+    out = tmp_path / "run"
+    trained = subprocess.run(
+        [sys.executable, "-m", "ldm_nodes", "train", "--data", str(pictures), "--out", str(out), "--resolution",
+         "32", "--vae-steps", "2", "--steps", "2", "--save-every", "2", "--batch-size", "2", "--vae-batch-size",
+         "2", "--val", "2", "--workers", "0"], capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    name = "ldm_nodes_test_trained_on_folder.safetensors"
+    shutil.copy(out / "model.safetensors", server.base / "models" / "ldm" / name)
+    kind, data, *_ = asyncio.run(server.run(workflow(REPO / "workflows" / "api" / "txt2img.json", name, 2)))
     assert kind == "execution_success", data
 
 

@@ -109,12 +109,16 @@ def encode_text(text_encoder, text):
 
 
 def empty_latent(vae, width, height, batch_size):
-    """Zeros [B, C, H / f, W / f] (unscaled latents), as ComfyUI's EmptyLatentImage."""
+    """Zeros [B, C, H / f, W / f] (unscaled latents), as ComfyUI's EmptyLatentImage.
+
+    One zero sample seen B times (a stride-0 view): a batch costs the memory of one until a node computes
+    from it, so a size that sampling then refuses (core/memory.py) has allocated next to nothing. Every
+    operation that makes a new tensor from it works as on stored zeros; an in-place write raises."""
     f = vae.config.f
     for name, value in (("width", width), ("height", height)):
         if value % f:
             raise ValueError(f"{name}: {value} is not a multiple of the autoencoder's downsampling factor {f}")
-    return torch.zeros(batch_size, vae.config.embed_dim, height // f, width // f)
+    return torch.zeros(1, vae.config.embed_dim, height // f, width // f).expand(batch_size, -1, -1, -1)
 
 
 def encode_image(vae, image, tile_above=TILE_ABOVE):

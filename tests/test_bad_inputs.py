@@ -312,11 +312,14 @@ def test_out_that_is_a_file_or_under_one_is_refused_before_any_node_runs(work):
     assert files_under(work) == {Path("taken"), Path("out"), Path("out/ldm")}
 
 
-def test_a_size_beyond_memory_is_refused_before_sampling_naming_width_height_and_batch(work):
-    """4096 x 4096 at batch 16 is inside the nodes' declared maximum; its sampling would need ~130 GB."""
+@pytest.mark.parametrize("batch", [16, 64])
+def test_a_size_beyond_memory_is_refused_before_sampling_naming_width_height_and_batch(work, batch):
+    """4096 x 4096 at batch 16 or 64 is inside the nodes' declared maximum; its sampling would need
+    ~130 or ~530 GB. The refusal's peak stays under 1 GB (assert_refused): LDMEmptyLatent's zeros at
+    batch 64 would be 1 GiB if they were stored per sample."""
     result = cli("run", TXT2IMG, "--out", "out", "--set", "5.width=4096", "--set", "5.height=4096",
-                 "--set", "5.batch_size=16", cwd=work)
-    assert_refused(result, "LDMSample", "width, height, batch_size", "4096 x 4096 at batch_size 16", "GiB",
+                 "--set", f"5.batch_size={batch}", cwd=work)
+    assert_refused(result, "LDMSample", "width, height, batch_size", f"4096 x 4096 at batch_size {batch}", "GiB",
                    "available")
     assert files_under(work) == set()
 

@@ -21,6 +21,7 @@ def _check_train_args(args):
     import math
 
     from .core.errors import InputError
+    from .core.memory import available_memory
     from .runner import usable_device
 
     for flag, (low, high) in TRAIN_RANGES.items():
@@ -48,27 +49,11 @@ def _check_train_args(args):
             raise InputError("--resolution", f"{args.resolution}: the procedural scenes are 64 x 64, so 32 or 64 "
                                              "(any other size needs --data)")
         needed = (args.images + args.val) * SCENE_BYTES
-        available = _available_memory()
+        available, _ = available_memory("cpu")
         if available is not None and needed > available // 2:
             raise InputError("--images", f"{args.images:,} scenes need about {needed / 2**30:,.1f} GiB in memory; "
                                          f"this machine has {available / 2**30:,.1f} GiB available (use fewer, "
                                          "or a folder with --data, which is read lazily)")
-
-
-def _available_memory():
-    """Bytes of memory available now, or None where the system does not say."""
-    import os
-
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def _train_model_ref(flag, name):
@@ -134,7 +119,7 @@ def _train(args):
         rank = train.distributed()[0]
         dataset, held_out, data_record = _train_data(args, rank)
         path = train.train_model(recipe, dataset, held_out, data_record, parts)
-    except ValueError as error:  # InputError and CheckpointError: the user's input, named
+    except (ValueError, FloatingPointError) as error:  # InputError, CheckpointError; a loss that diverged
         print(f"error: {error}", file=sys.stderr)
         return 1
     if rank == 0:

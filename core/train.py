@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from .autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder
 from .errors import InputError
 from .checkpoint import BUILTIN_PREFIX, load_checkpoint, read_model_metadata
+from .memory import available_memory, estimate_peak
 from .schedule import TrainingSchedule
 from .text import CLIPTextConfig, CLIPTextModel
 from .transformer import TransformerConfig, TransformerModel
@@ -193,7 +194,35 @@ STAGES = ("autoencoder", "decoder", "denoiser")
 
 def prepare(recipe, resolution):
     """The Parts of a run, every misfit refused (InputError) before any data is read or anything is written:
-    models that do not fit, a resolution they cannot take, a saved state in <out> that is not one."""
+    models that do not fit, a resolution they cannot take, a saved state in <out> that is not one, a batch
+    size whose forward pass alone exceeds the memory available."""
+    parts = _parts(recipe, resolution)
+    check_batches_fit(recipe, resolution, parts)
+    return parts
+
+
+def check_batches_fit(recipe, resolution, parts):
+    """Refuse --batch-size (and --vae-batch-size when stage 1 runs) when one forward pass, estimated as for
+    inference by core/memory.py, exceeds the memory available: a floor for a training step, whose
+    backward pass keeps more, so nothing that could fit is refused."""
+    available, source = available_memory(recipe.device)
+    if available is None:
+        return
+    vae = parts.vae or AutoencoderKL(TINY_AUTOENCODER)
+    f, latent = vae.config.f, resolution // vae.config.f
+    needs = [("--batch-size", recipe.batch_size,
+              estimate_peak("sample", parts.network, (recipe.batch_size, vae.config.embed_dim, latent, latent), f))]
+    if parts.vae is None:
+        needs.append(("--vae-batch-size", recipe.vae_batch_size,
+                      estimate_peak("encode", vae, (recipe.vae_batch_size, resolution, resolution, 3))))
+    for flag, batch, need in needs:
+        if need > available:
+            raise InputError(flag, f"{batch} at {resolution} x {resolution}: one forward pass alone needs about "
+                                   f"{need / 2**30:.2f} GiB and {available / 2**30:.2f} GiB is available ({source}); "
+                                   "lower it")
+
+
+def _parts(recipe, resolution):
     for stage in STAGES:
         path = os.path.join(recipe.out_dir, f"{stage}-state.safetensors")
         if os.path.exists(path):

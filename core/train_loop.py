@@ -248,10 +248,17 @@ def run_stage(label, opts, modules, loss_fn, dataset, info, ema_decay, on_save=N
     while step < opts.steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(opts, step)
-        with autocast:
-            loss = loss_fn(wrapped, next(batches), draws)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            with autocast:
+                loss = loss_fn(wrapped, next(batches), draws)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        except RuntimeError as error:
+            if not _out_of_memory(error):
+                raise
+            raise InputError(BATCH_FLAGS[label], f"{opts.batch_size} ran out of memory at step {step + 1} of the "
+                                                 f"{label} stage; lower it (the run resumes from its last saved "
+                                                 "state)") from None
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
@@ -267,6 +274,14 @@ def run_stage(label, opts, modules, loss_fn, dataset, info, ema_decay, on_save=N
                     on_save(step, history)
                 save_state(state_path, modules, optimizer, ema, step, generator, info, history)
     return ema, history
+
+
+BATCH_FLAGS = {"autoencoder": "--vae-batch-size", "decoder": "--vae-batch-size", "denoiser": "--batch-size"}
+
+
+def _out_of_memory(error):
+    """A failed allocation: torch.OutOfMemoryError on accelerators, a RuntimeError from the CPU allocator."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def flip(x, draws, opts):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from ldm_nodes.__main__ import main
+from ldm_nodes.core import train, train_stages
 
 FAST = ["--images", "8", "--resolution", "32", "--vae-steps", "1", "--steps", "1", "--batch-size", "2",
         "--vae-batch-size", "2", "--workers", "0", "--val", "0"]
@@ -47,6 +48,40 @@ def test_a_billion_scenes_are_refused_with_the_memory_they_would_need(tmp_path, 
     line = refused(capsys, ["--out", str(tmp_path / "out"), "--images", "1000000000"], "--images")
     assert "1,000,000,000 scenes need about 11,6" in line and "GiB" in line  # 12 kB each
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--vae-batch-size"])
+def test_a_batch_whose_forward_pass_alone_cannot_fit_is_refused_before_any_work(tmp_path, capsys, monkeypatch, flag):
+    """The tiny model's forward pass at 65536 x 64 x 64 is estimated at over 100 GiB; with 8 GiB available
+    (patched, so the test does not depend on this machine) the flag is refused before anything is written."""
+    monkeypatch.setattr(train, "available_memory", lambda device: (8 * 2**30, "test"))
+    out = tmp_path / "out"
+    line = refused(capsys, ["--out", str(out), "--images", "8", flag, "65536"], flag)
+    assert "65536 at 64 x 64: one forward pass alone needs about" in line and "8.00 GiB is available" in line
+    assert not out.exists()
+    monkeypatch.setattr(train, "available_memory", lambda device: (None, "no memory figure"))
+    assert train.check_batches_fit(train.Recipe(str(out), batch_size=65536), 64,
+                                   train.prepare(train.Recipe(str(out)), 64)) is None  # no figure: no refusal
+
+
+def test_running_out_of_memory_or_diverging_mid_run_is_one_line_naming_the_cause(tmp_path, capsys, monkeypatch):
+    """Past the estimate, a failed allocation during a step names the stage's batch-size flag, and a loss
+    that becomes NaN names the stage and --lr: one line each, no traceback."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 34359738368 bytes. Error code 12 (Cannot allocate memory)")
+
+    def last_line(out):  # the autoencoder stage ran first and reported its progress
+        capsys.readouterr()
+        assert main(["train", "--out", str(tmp_path / out), *FAST]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err.strip().splitlines()[-1]
+
+    monkeypatch.setattr(train_stages, "l_simple", out_of_memory)
+    assert last_line("a").startswith("error: --batch-size: 2 ran out of memory at step 1 of the denoiser stage")
+    monkeypatch.setattr(train_stages, "l_simple", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    assert last_line("b") == "error: denoiser: the loss became nan at step 1; lower --lr"
 
 
 def test_out_that_is_a_file_or_lies_under_one(tmp_path, capsys):

@@ -152,9 +152,8 @@ def available_memory(device):
 def check_fits(stage, module, shape, f=1, context_tokens=CONTEXT_TOKENS):
     """Refuse `stage` before it allocates when its estimated peak exceeds the memory available on the
     module's device: InputError naming width, height and batch_size, with both figures."""
-    need = estimate_peak(stage, module, shape, f, context_tokens)
-    available, source = available_memory(placement(module)[0])
-    if available is None or need <= available:
+    problem = shortfall(estimate_peak(stage, module, shape, f, context_tokens), placement(module)[0])
+    if problem is None:
         return
     if stage == "encode":
         batch, height, width = shape[0], shape[1], shape[2]
@@ -162,9 +161,17 @@ def check_fits(stage, module, shape, f=1, context_tokens=CONTEXT_TOKENS):
         scale = module.config.f if stage == "decode" else f
         batch, height, width = shape[0], shape[2] * scale, shape[3] * scale
     verb = {"encode": "encoding", "decode": "decoding", "sample": "sampling"}[stage]
-    raise InputError("width, height, batch_size", f"{width} x {height} at batch_size {batch}: {verb} needs about "
-                                                  f"{_gib(need)} and {_gib(available)} is available ({source}); "
+    raise InputError("width, height, batch_size", f"{width} x {height} at batch_size {batch}: {verb} {problem}; "
                                                   "make the image or the batch smaller")
+
+
+def shortfall(need, device):
+    """None when `need` bytes fit in the memory available on `device` (or nothing says how much that is),
+    else "needs about X GiB and Y GiB is available (where Y comes from)" for a refusal's message."""
+    available, source = available_memory(device)
+    if available is None or need <= available:
+        return None
+    return f"needs about {_gib(need)} and {_gib(available)} is available ({source})"
 
 
 def _gib(n):

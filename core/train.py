@@ -19,7 +19,8 @@ from safetensors import SafetensorError, safe_open
 from .autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder
 from .errors import InputError
 from .checkpoint import BUILTIN_PREFIX, load_checkpoint, read_model_metadata
-from .memory import available_memory, estimate_peak
+from .memory import estimate_peak, shortfall
+from .meta import empty_modules
 from .schedule import TrainingSchedule
 from .text import CLIPTextConfig, CLIPTextModel
 from .transformer import TransformerConfig, TransformerModel
@@ -205,10 +206,10 @@ def check_batches_fit(recipe, resolution, parts):
     """Refuse --batch-size (and --vae-batch-size when stage 1 runs) when one forward pass, estimated as for
     inference by core/memory.py, exceeds the memory available: a floor for a training step, whose
     backward pass keeps more, so nothing that could fit is refused."""
-    available, source = available_memory(recipe.device)
-    if available is None:
-        return
-    vae = parts.vae or AutoencoderKL(TINY_AUTOENCODER)
+    vae = parts.vae
+    if vae is None:  # stage 1's autoencoder, for its shape alone: built on meta, no memory, no random draws
+        with empty_modules():
+            vae = AutoencoderKL(TINY_AUTOENCODER)
     f, latent = vae.config.f, resolution // vae.config.f
     needs = [("--batch-size", recipe.batch_size,
               estimate_peak("sample", parts.network, (recipe.batch_size, vae.config.embed_dim, latent, latent), f))]
@@ -216,10 +217,9 @@ def check_batches_fit(recipe, resolution, parts):
         needs.append(("--vae-batch-size", recipe.vae_batch_size,
                       estimate_peak("encode", vae, (recipe.vae_batch_size, resolution, resolution, 3))))
     for flag, batch, need in needs:
-        if need > available:
-            raise InputError(flag, f"{batch} at {resolution} x {resolution}: one forward pass alone needs about "
-                                   f"{need / 2**30:.2f} GiB and {available / 2**30:.2f} GiB is available ({source}); "
-                                   "lower it")
+        problem = shortfall(need, recipe.device)
+        if problem:
+            raise InputError(flag, f"{batch} at {resolution} x {resolution}: one forward pass alone {problem}; lower it")
 
 
 def _parts(recipe, resolution):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ldm_nodes.__main__ import main
-from ldm_nodes.core import train, train_stages
+from ldm_nodes.core import memory, train, train_stages
 
 FAST = ["--images", "8", "--resolution", "32", "--vae-steps", "1", "--steps", "1", "--batch-size", "2",
         "--vae-batch-size", "2", "--workers", "0", "--val", "0"]
@@ -54,12 +54,12 @@ def test_a_billion_scenes_are_refused_with_the_memory_they_would_need(tmp_path, 
 def test_a_batch_whose_forward_pass_alone_cannot_fit_is_refused_before_any_work(tmp_path, capsys, monkeypatch, flag):
     """The tiny model's forward pass at 65536 x 64 x 64 is estimated at over 100 GiB; with 8 GiB available
     (patched, so the test does not depend on this machine) the flag is refused before anything is written."""
-    monkeypatch.setattr(train, "available_memory", lambda device: (8 * 2**30, "test"))
+    monkeypatch.setattr(memory, "available_memory", lambda device: (8 * 2**30, "test"))
     out = tmp_path / "out"
     line = refused(capsys, ["--out", str(out), "--images", "8", flag, "65536"], flag)
     assert "65536 at 64 x 64: one forward pass alone needs about" in line and "8.00 GiB is available" in line
     assert not out.exists()
-    monkeypatch.setattr(train, "available_memory", lambda device: (None, "no memory figure"))
+    monkeypatch.setattr(memory, "available_memory", lambda device: (None, "no memory figure"))
     assert train.check_batches_fit(train.Recipe(str(out), batch_size=65536), 64,
                                    train.prepare(train.Recipe(str(out)), 64)) is None  # no figure: no refusal
 

@@ -7,6 +7,13 @@ from ..core.samplers import SAMPLERS
 from . import host
 
 DDPM_VARIANCES = list(VARIANCES)
+# The sampler settings LDMSamplerSelect offers too: one definition, so their ranges cannot drift apart.
+ETA_INPUT = ("FLOAT", {"default": -1.0, "min": -1.0, "max": 2.0, "step": 0.01,
+                       "tooltip": "Noise of stochastic samplers; -1 keeps the sampler's default (0 for ddim; 1 for "
+                                  "ddpm, euler_ancestral, dpmpp_2m_sde)."})
+DDPM_VARIANCE_INPUT = (DDPM_VARIANCES, {"default": "beta_tilde",
+                                        "tooltip": "ddpm only: the fixed reverse variance, the posterior's "
+                                                   "beta-tilde or beta."})
 
 
 class LDMSample:
@@ -48,16 +55,12 @@ class LDMSample:
             "optional": {
                 "sigmas": ("SIGMAS", {"tooltip": "When linked, replaces the schedule's sigmas (descending; a last "
                                                  "sigma above 0 stops there, noisy); denoise must then be 1."}),
-                "eta": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 2.0, "step": 0.01,
-                                  "tooltip": "Noise of stochastic samplers; -1 keeps the sampler's default (0 for "
-                                             "ddim; 1 for ddpm, euler_ancestral, dpmpp_2m_sde)."}),
+                "eta": ETA_INPUT,
                 "guidance_rescale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                                "tooltip": "Rescale the guided prediction's spread towards the "
                                                           "conditional one (Lin et al. 2023); 0.7 with "
                                                           "zero_terminal_snr."}),
-                "ddpm_variance": (DDPM_VARIANCES, {"default": "beta_tilde",
-                                                   "tooltip": "ddpm only: the fixed reverse variance, the "
-                                                              "posterior's beta-tilde or beta."}),
+                "ddpm_variance": DDPM_VARIANCE_INPUT,
             },
         }
 

@@ -20,7 +20,7 @@ import torch
 from ..core.pipeline import sampler_options
 from ..core.samplers import SAMPLERS, get_sampler
 from . import host
-from .sample import DDPM_VARIANCES
+from .sample import DDPM_VARIANCE_INPUT, ETA_INPUT
 
 
 def k_diffusion_sampler(sampler_name, options):
@@ -60,12 +60,8 @@ class LDMSamplerSelect:
                 "tooltip": "ddpm: DDPM's ancestral sampling (Algorithm 2). ddim: DDIM, eta 0 deterministic. plms: "
                            "pseudo linear multistep (PNDM). euler, heun, euler_ancestral, dpmpp_2m, dpmpp_2m_sde: "
                            "the pack's own versions of k-diffusion's."}),
-            "eta": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 2.0, "step": 0.01,
-                              "tooltip": "Noise of stochastic samplers; -1 keeps the sampler's default (0 for ddim; "
-                                         "1 for ddpm, euler_ancestral, dpmpp_2m_sde)."}),
-            "ddpm_variance": (DDPM_VARIANCES, {"default": "beta_tilde",
-                                               "tooltip": "ddpm only: the fixed reverse variance, the posterior's "
-                                                          "beta-tilde or beta."}),
+            "eta": ETA_INPUT,
+            "ddpm_variance": DDPM_VARIANCE_INPUT,
         }}
 
     def select(self, sampler_name, eta, ddpm_variance):

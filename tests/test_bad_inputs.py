@@ -6,7 +6,6 @@ right result. Command-line cases run in a subprocess, whose peak memory os.wait4
 Why this file is long: it is the issue's corpus, one case per bad input, each with its own file or flag.
 """
 import json
-import math
 import os
 import struct
 import subprocess
@@ -20,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from ldm_nodes import routes, runner
 from ldm_nodes.core import attention as attention_module
@@ -30,6 +28,7 @@ from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_nodes.core.errors import InputError
 from ldm_nodes.core.images import read_image
 from ldm_nodes.core.text import parse_weights
+from ldm_nodes.tools.model_files import edited_copy
 
 PACK = Path(__file__).resolve().parents[1]
 PIXEL = PACK / "models" / "tiny-shapes-pixel.safetensors"
@@ -81,12 +80,7 @@ def retyped(tensors, key, tensor):
 
 def model_file(folder, name, edit_tensors=None, edit_metadata=None):
     """A copy of the built-in pixel model with its tensors or metadata edited."""
-    tensors = load_file(PIXEL)
-    metadata = ck.read_header(PIXEL).metadata
-    tensors = edit_tensors(tensors) if edit_tensors else tensors
-    metadata = edit_metadata(dict(metadata)) if edit_metadata else metadata
-    save_file(tensors, folder / name, metadata={ck.METADATA_KEY: json.dumps(metadata)})
-    return folder / name
+    return edited_copy(PIXEL, folder / name, edit_tensors, edit_metadata)
 
 
 def raw_file(path, header, data=b""):

@@ -14,7 +14,6 @@ import html
 import json
 import re
 import shutil
-import struct
 import subprocess
 import threading
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from ldm_nodes import model_paths, routes
-from ldm_nodes.core.checkpoint import METADATA_KEY
+from ldm_nodes.tools.model_files import edited_copy
 
 WEB = Path(__file__).resolve().parents[1] / "web"
 PANEL = WEB / "ldm_schedule_panel.js"
@@ -348,20 +347,6 @@ def save_pngs(value, folder, name="page"):
                 save_pngs(item, folder, f"{name}_{key}")
 
 
-def copy_with_schedule(source, target, schedule):
-    """A copy of a shipped model whose metadata names another training schedule: the route reads
-    only the header, but validates it as the loader does, so the file must be a whole model."""
-    data = source.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    record = json.loads(header["__metadata__"][METADATA_KEY])
-    record["schedule"] = schedule
-    header["__metadata__"][METADATA_KEY] = json.dumps(record)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors pads its header to 8 bytes
-    target.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
-
-
 @pytest.fixture(scope="module")
 def browser_results(tmp_path_factory):
     if chromium() is None:
@@ -369,7 +354,8 @@ def browser_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     schedule = {"beta_schedule": "linear", "num_timesteps": 400, "beta_start": None, "beta_end": None,
                 "zero_terminal_snr": False}
-    copy_with_schedule(SHIPPED_MODEL, root / "tiny.safetensors", schedule)
+    # the route reads only the header, but validates it as the loader does: the file must be a whole model
+    edited_copy(SHIPPED_MODEL, root / "tiny.safetensors", edit_metadata=lambda m: {**m, "schedule": schedule})
     model_paths.set_model_dirs([root])
     try:
         with Server(make_test_app()) as server:

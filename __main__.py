@@ -23,6 +23,7 @@ def _check_train_args(args):
     from .core.errors import InputError
     from .core.memory import available_memory
     from .runner import usable_device
+    from .standins import file_in_the_way
 
     for flag, (low, high) in TRAIN_RANGES.items():
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -32,11 +33,11 @@ def _check_train_args(args):
         value = getattr(args, flag[2:].replace("-", "_"))
         if not (math.isfinite(value) and 0 < value <= 1):
             raise InputError(flag, f"{value} must be a finite learning rate in (0, 1]")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError("--out", f"{args.out} is a file, not a folder")
-    if any(parent.exists() and not parent.is_dir() for parent in out.absolute().parents):
-        raise InputError("--out", f"{args.out} lies under a file")
+    out = Path(args.out).absolute()
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        raise InputError("--out", f"{args.out} is a file, not a folder" if blocking == out else
+                                  f"{args.out} lies under a file")
     device = usable_device(args.device)
     if device.type not in ("cpu", "cuda", "mps"):
         raise InputError("--device", f"{args.device}: training runs on cpu, cuda or mps")

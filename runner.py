@@ -37,7 +37,7 @@ from PIL import Image
 from .core.errors import InputError
 from .core.progress import TextProgress
 from .nodes import NODE_CLASS_MAPPINGS, host
-from .standins import STAND_INS, Session, using
+from .standins import STAND_INS, Session, file_in_the_way, using
 from .ui_workflow import is_ui_workflow, ui_to_api
 from .validation import NodeError, ValidationError, WorkflowError, call_kwargs, input_specs, validate_graph
 
@@ -269,12 +269,10 @@ def run(prompt, registry=None, *, out_dir="output", input_dir="input", workflow=
 def _check_out_dir(out_dir):
     """The output folder, or the nearest of its parents that exists, must be a folder (before any node runs)."""
     folder = Path(out_dir)
-    for existing in (folder, *folder.parents):
-        if existing.exists():
-            if not existing.is_dir():
-                where = "is a file" if existing == folder else f"is under {existing}, which is a file"
-                raise ValidationError([f"--out {out_dir}: {where}, not a folder"])
-            return
+    blocking = file_in_the_way(folder)
+    if blocking is not None:
+        where = "is a file" if blocking == folder else f"is under {blocking}, which is a file"
+        raise ValidationError([f"--out {out_dir}: {where}, not a folder"])
 
 
 def _extra_pnginfo(workflow):

@@ -77,6 +77,15 @@ MAX_PREFIX_BYTES = 200  # each part of the prefix, so "<part>_00001_.png" stays 
 MAX_PREFIX_LENGTH = 1024
 
 
+def file_in_the_way(path):
+    """The nearest of `path` and its parents that exists, when it is not a folder (so `path` cannot be
+    or become a folder); None otherwise."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            return None if existing.is_dir() else existing
+    return None
+
+
 def _save_target(root, filename_prefix):
     """(folder, file name prefix, subfolder) for a SaveImage prefix; ValueError if it leaves `root`,
     holds a NUL byte, or has a part too long for a file name."""
@@ -92,7 +101,7 @@ def _save_target(root, filename_prefix):
     folder = (root / subfolder).resolve()
     if not folder.is_relative_to(root) or name in ("", ".", ".."):
         raise ValueError(f"filename_prefix: {filename_prefix!r} must name files inside the output folder {root}")
-    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(folder)
     if blocking is not None:
         raise ValueError(f"filename_prefix: {filename_prefix!r} needs the folder {blocking}, which is a file")
     return folder, name, subfolder.replace(os.sep, "/")

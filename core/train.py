@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder
 from .errors import InputError
@@ -24,7 +23,7 @@ from .meta import empty_modules
 from .schedule import TrainingSchedule
 from .text import CLIPTextConfig, CLIPTextModel
 from .transformer import TransformerConfig, TransformerModel
-from .train_loop import RunOptions, barrier, distributed
+from .train_loop import RunOptions, barrier, distributed, state_metadata
 from .train_stages import (
     finetune_decoder, last_value, load_autoencoder, save_autoencoder, save_model, train_autoencoder, train_denoiser,
     write_json,
@@ -226,15 +225,7 @@ def _parts(recipe, resolution):
     for stage in STAGES:
         path = os.path.join(recipe.out_dir, f"{stage}-state.safetensors")
         if os.path.exists(path):
-            try:
-                with safe_open(path, framework="pt") as f:
-                    complete = {"step", "info", "history"} <= set(f.metadata() or {})
-            except (OSError, SafetensorError) as error:
-                raise InputError(path, f"not a readable training state ({error}); delete it to start the stage "
-                                       "again") from None
-            if not complete:
-                raise InputError(path, "not a training state of this version (no step, settings or history in its "
-                                       "metadata); delete it to start the stage again")
+            state_metadata(path)
     for name in ("autoencoder.safetensors", "autoencoder-decoder.safetensors"):  # finished stages: read them now
         if os.path.exists(os.path.join(recipe.out_dir, name)):
             load_autoencoder(os.path.join(recipe.out_dir, name))

@@ -99,16 +99,27 @@ def save_state(path, modules, optimizer, ema, step, generator, info, history):
     os.replace(tmp, path)  # a crash mid-write never leaves a broken state behind
 
 
+def state_metadata(path):
+    """The metadata of the training state file `path`; InputError naming it when it is not a readable,
+    complete state (no step, settings or history)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (OSError, SafetensorError) as error:
+        raise InputError(path, f"not a readable training state ({error}); delete it to start the stage again") from None
+    if not {"step", "info", "history"} <= set(metadata):
+        raise InputError(path, "not a training state of this version (no step, settings or history in its "
+                               "metadata); delete it to start the stage again")
+    return metadata
+
+
 def load_state(path, modules, optimizer, ema, generator, info):
     """Restore what save_state wrote; returns (the step to continue from, the history). Refuses a state
     written by a run with other settings (the number of steps may grow: that extends a run), and a file
     that is not a complete state, naming it."""
+    metadata = state_metadata(path)
     try:
         with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            if not {"step", "info", "history"} <= set(metadata):
-                raise InputError(path, "not a training state of this version (no step, settings or history in "
-                                       "its metadata); delete it to start the stage again")
             saved, info = json.loads(metadata["info"]), json.loads(json.dumps(info))
             if saved != info:
                 changed = sorted(k for k in set(saved) | set(info) if saved.get(k) != info.get(k))

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -94,9 +95,17 @@ def save_state(path, modules, optimizer, ema, step, generator, info, history):
         for k, v in optimizer.state.get(p, {}).items():
             tensors[f"optim.{i}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
     tensors["rng"] = generator.get_state()
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata={"step": str(step), "info": json.dumps(info), "history": json.dumps(history)})
-    os.replace(tmp, path)  # a crash mid-write never leaves a broken state behind
+    with written_whole(path) as tmp:
+        save_file(tensors, tmp, metadata={"step": str(step), "info": json.dumps(info), "history": json.dumps(history)})
+
+
+@contextmanager
+def written_whole(path, suffix=".tmp"):
+    """The name to write `path` under (path + suffix), moved into place when the block ends without an
+    error: a crash mid-write never leaves a broken file behind."""
+    tmp = f"{path}{suffix}"
+    yield tmp
+    os.replace(tmp, path)
 
 
 def state_metadata(path):

@@ -26,7 +26,7 @@ from .objective import l_simple
 from .text import CLIPTokenizer, tokenize_weighted
 
 
-from .train_loop import barrier, distributed, flip, run_stage
+from .train_loop import barrier, distributed, flip, run_stage, written_whole
 
 
 # --- stage 1: the autoencoder ----------------------------------------------------------------
@@ -76,6 +76,12 @@ def train_autoencoder(opts, config, dataset, kl_weight=1e-6, ema_decay=0.999):
     return vae.eval(), last_value(history)
 
 
+def parameter_digest(*modules):
+    """The sum of the modules' parameters in float64: a fingerprint in a stage's settings, so a resume
+    notices that a part the stage keeps frozen (an encoder, an autoencoder, a text encoder) changed."""
+    return float(sum(p.detach().double().sum() for m in modules for p in m.parameters()))
+
+
 def last_value(history):
     return history["loss"][-1][1] if history["loss"] else None
 
@@ -112,7 +118,7 @@ def finetune_decoder(opts, vae, dataset, ema_decay=0.999):
         x_hat = modules["decoding"](z)
         return F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x)
 
-    encoder_digest = float(sum(p.detach().double().sum() for m in encoder for p in m.parameters()))
+    encoder_digest = parameter_digest(*encoder)
     info = {"stage": "decoder", "config": vae.config.to_dict(), "batch_size": opts.batch_size,
             "world_size": distributed()[1], "lr": opts.lr, "seed": opts.seed, "data": dataset.describe,
             "images": len(dataset), "resolution": dataset.resolution, "flip": opts.flip,
@@ -163,18 +169,17 @@ class LatentCache(torch.utils.data.Dataset):
             device = torch.device(opts.device)
             orientations = 2 if opts.flip else 1
             shape = (len(dataset), orientations, 2, *_latent_shape(vae.config, dataset.resolution))
-            tmp = f"{path}.tmp.npy"
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=opts.workers)
-            for images, index in loader:
-                x = images.to(device).float() / 127.5 - 1
-                for k, view in enumerate((x, x.flip(-1))[:orientations]):
-                    posterior = vae.encode(view)
-                    array[index.numpy(), k, 0] = posterior.mean.cpu().numpy()
-                    array[index.numpy(), k, 1] = posterior.std.cpu().numpy()
-            array.flush()
-            del array
-            os.replace(tmp, path)
+            with written_whole(path, ".tmp.npy") as tmp:
+                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+                loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=opts.workers)
+                for images, index in loader:
+                    x = images.to(device).float() / 127.5 - 1
+                    for k, view in enumerate((x, x.flip(-1))[:orientations]):
+                        posterior = vae.encode(view)
+                        array[index.numpy(), k, 0] = posterior.mean.cpu().numpy()
+                        array[index.numpy(), k, 1] = posterior.std.cpu().numpy()
+                array.flush()
+                del array
         barrier()
         return LatentCache(path)
 
@@ -226,14 +231,14 @@ def train_denoiser(opts, vae, network, text, dataset, schedule, prediction="eps"
     ids, empty_ids = caption_ids(dataset.captions)
     empty_ids = empty_ids.to(device)
     network, text = network.to(device), text.to(device).requires_grad_(train_text)
-    vae_digest = float(sum(p.detach().double().sum() for p in vae.parameters()))
+    vae_digest = parameter_digest(vae)
     info = {"stage": "denoiser", "family": type(network).__name__, "network": network.config.to_dict(),
             "text": text.config.to_dict(), "train_text": train_text, "schedule": schedule.config,
             "prediction": prediction, "batch_size": opts.batch_size, "world_size": distributed()[1], "lr": opts.lr,
             "seed": opts.seed, "p_uncond": p_uncond, "data": dataset.describe, "images": len(dataset),
             "resolution": dataset.resolution, "flip": opts.flip, "scale_factor": scale, "vae_digest": vae_digest}
     if not train_text:  # a shared, frozen text encoder: resuming with another one would go unnoticed
-        info["text_digest"] = float(sum(p.detach().double().sum() for p in text.parameters()))
+        info["text_digest"] = parameter_digest(text)
     if init:
         info["init"] = init
     if cache_latents:
@@ -296,9 +301,8 @@ def write_curves(out_dir, history):
 
 
 def write_json(path, value):
-    with open(f"{path}.tmp", "w") as f:
+    with written_whole(path) as tmp, open(tmp, "w") as f:
         json.dump(value, f, indent=2)
-    os.replace(f"{path}.tmp", path)
 
 
 @torch.no_grad()
@@ -334,7 +338,6 @@ def load_autoencoder(path):
 
 
 def save_autoencoder(path, vae):
-    tmp = f"{path}.tmp"
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp,
-              metadata={"config": json.dumps(vae.config.to_dict())})
-    os.replace(tmp, path)
+    with written_whole(path) as tmp:
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp,
+                  metadata={"config": json.dumps(vae.config.to_dict())})

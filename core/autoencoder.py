@@ -339,7 +339,7 @@ class AutoencoderKL(nn.Module):
                 moments[:, :, y0:y0 + len(wy), x0:x0 + len(wx)] += part * (wy[:, None] * wx[None, :]).to(part.dtype)
         return DiagonalGaussian(moments)
 
-    def decode_tiled(self, z, tile=64, overlap=16):
+    def decode_tiled(self, z, tile=TILE, overlap=TILE_OVERLAP):
         """decode() in overlapping latent tiles of at most tile x tile, to bound memory on large images.
 
         Neighbouring tiles overlap by at least `overlap` latent pixels, and a linear cross-fade of
@@ -413,5 +413,5 @@ class IdentityAutoencoder(nn.Module):
     def encode_tiled(self, x, tile=TILE, overlap=TILE_OVERLAP):
         return self.encode(x)
 
-    def decode_tiled(self, z, tile=64, overlap=16):
+    def decode_tiled(self, z, tile=TILE, overlap=TILE_OVERLAP):
         return z

@@ -3,8 +3,7 @@
 ComfyUI imports this folder as a custom-node package; `pip install -e .` installs the same
 folder as the package `ldm_nodes`. Imports inside the pack are relative, so both work.
 """
-from . import model_paths
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host, model_paths
 
 WEB_DIRECTORY = "./web"
 
@@ -13,7 +12,7 @@ try:  # inside ComfyUI: the nodes use its device, memory manager and progress ba
 except ImportError:
     pass
 else:
-    from .comfy_host import ComfyHost
+    from .nodes.comfy_host import ComfyHost
 
     host.configure(ComfyHost())
 
@@ -22,7 +21,7 @@ try:  # inside ComfyUI: the model folder and the schedule route for the web pane
 except ImportError:
     PromptServer = None
 if getattr(PromptServer, "instance", None) is not None:
-    from .routes import add_routes
+    from .nodes.routes import add_routes
 
     model_paths.register_comfy_folders()
     add_routes(PromptServer.instance.routes)

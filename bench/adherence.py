@@ -20,7 +20,7 @@ from ldm_nodes.core.checkpoint import load_checkpoint
 from ldm_nodes.core.data import held_out_captions, parse_caption
 from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, ScheduleSpec, decode_latent, sample
 from ldm_nodes.core.text import CLIPTokenizer, encode_prompt
-from ldm_nodes.model_paths import model_file
+from ldm_nodes.nodes.model_paths import model_file
 from ldm_nodes.tools.scene_analysis import analyse
 
 ATTRIBUTES = ("color", "background", "shape", "position", "size")

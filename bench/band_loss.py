@@ -12,7 +12,7 @@ in one table must share a latent shape. Deterministic: same models and arguments
 import argparse
 
 from ldm_nodes.core.checkpoint import load_checkpoint
-from ldm_nodes.model_paths import model_file
+from ldm_nodes.nodes.model_paths import model_file
 from ldm_nodes.tools.evaluation import BANDS, band_losses, scenes
 
 

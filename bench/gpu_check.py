@@ -182,7 +182,7 @@ def sampler_images(device, steps):
     from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, ScheduleSpec, decode_latent, sample
     from ldm_nodes.core.samplers import SAMPLERS
     from ldm_nodes.core.text import CLIPTokenizer, encode_prompt
-    from ldm_nodes.model_paths import model_file
+    from ldm_nodes.nodes.model_paths import model_file
 
     path, tokenizer = model_file(BUILTIN), CLIPTokenizer()
 

@@ -19,7 +19,7 @@ import torch
 from ldm_nodes.core.checkpoint import load_checkpoint
 from ldm_nodes.core.pipeline import DiffusionModel, likelihood
 from ldm_nodes.core.text import CLIPTokenizer, encode_prompt
-from ldm_nodes.model_paths import model_file
+from ldm_nodes.nodes.model_paths import model_file
 from ldm_nodes.tools.evaluation import SCENE_SEED, scenes
 
 def groups(resolution, n):

@@ -38,13 +38,14 @@ from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, decode_latent,
 from ldm_nodes.tools.randomise import randomise
 from ldm_nodes.core.schedule import TrainingSchedule, sampling_schedule
 from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, encode_prompt, tokenize_weighted
-from ldm_nodes.core.train import TINY_AUTOENCODER, TINY_TEXT, TINY_UNET
+from ldm_nodes.core.families import FAMILIES
+from ldm_nodes.core.train import TINY_AUTOENCODER, TINY_TEXT
 from ldm_nodes.core.unet import UNetConfig, UNetModel
 
 SD15_UNET = UNetConfig(4, 4, 320, (1, 2, 4, 4), 2, (0, 1, 2), 1, 768, num_heads=8)
 SHAPES = {  # device type -> (UNet, autoencoder, text encoder, image size)
     "cuda": (SD15_UNET, AutoencoderConfig(), CLIPTextConfig(), 512),
-    "cpu": (TINY_UNET, TINY_AUTOENCODER, TINY_TEXT, 64),
+    "cpu": (FAMILIES["unet"].tiny, TINY_AUTOENCODER, TINY_TEXT, 64),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT = "a photograph of an astronaut riding a horse"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_nodes import runner
+from ldm_nodes.headless import runner
 from ldm_nodes.core import checkpoint as ck
 from ldm_nodes.core import memory
 from ldm_nodes.core.images import read_image

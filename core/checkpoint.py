@@ -39,11 +39,10 @@ from .autoencoder import (AutoencoderKL, IdentityAutoencoder, IdentityConfig,
                           autoencoder_config_from_dict, infer_autoencoder_config)
 from .denoiser import PREDICTIONS
 from .errors import InputError
+from .families import FAMILIES, detect, family_of
 from .meta import empty_modules
 from .schedule import BETA_SCHEDULES, TrainingSchedule
 from .text import CLIPTextConfig, CLIPTextModel, infer_text_config
-from .transformer import TransformerConfig, TransformerModel, infer_transformer_config
-from .unet import UNetConfig, UNetModel, infer_unet_config
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -52,13 +51,10 @@ PREFIXES = {"denoiser": UNET_PREFIX, "vae": VAE_PREFIX, "text": TEXT_PREFIX}
 METADATA_KEY = "ldm_nodes"
 FORMAT_VERSION = 1
 TOKENIZER_ID = "openai-clip-bpe-16e6"
-# The pack's own models/ folder: the only place a file's "parts_from" names resolve ("builtin/<name>").
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "models"
-BUILTIN_PREFIX = "builtin/"
+# Where a file's "parts_from" names resolve: {prefix: folder}. The layer that knows where its model files
+# live says so with `provide_parts` (nodes/model_paths: "builtin/" -> the pack's models/); core knows no folder.
+PART_SOURCES = {}
 
-# Denoiser families: the metadata's "family" names one; its config sits under the same key.
-FAMILIES = {"unet": (UNetConfig, UNetModel, infer_unet_config),
-            "transformer": (TransformerConfig, TransformerModel, infer_transformer_config)}
 PARTS = ("denoiser", "vae", "text")
 
 # Stable Diffusion 1.x: what its files cannot say about themselves.
@@ -151,7 +147,7 @@ def read_header(path, *, nested=False):
     if nested and shared:
         raise CheckpointError(path, "provides parts to another file but takes them from elsewhere itself")
     header.parts = _build_parts(header)
-    header.sources = {part: read_header(builtin_path(path, name), nested=True) for part, name in shared.items()}
+    header.sources = {part: read_header(part_source_path(path, name), nested=True) for part, name in shared.items()}
     return header
 
 
@@ -360,17 +356,18 @@ def split_parts(path, keys, wanted=PARTS):
     return {part: parts[part] for part in wanted}
 
 
-def family_of(metadata, denoiser_shapes):
-    """'unet' or 'transformer': from our metadata, else from the keys (a patch embedding means transformer)."""
-    return metadata.get("family") or ("transformer" if "patch_embed.weight" in denoiser_shapes else "unet")
+def family_name(metadata, denoiser_shapes):
+    """The denoiser's family (core/families.py): from our metadata, else from the state dict's keys."""
+    return metadata.get("family") or detect(denoiser_shapes)
 
 
 def _config(part, metadata, shapes):
     """(label for messages, config, module class) of one part stored in a file."""
     if part == "denoiser":
-        family = family_of(metadata, shapes)
-        config_cls, module_cls, infer = FAMILIES[family]
-        return family, (config_cls.from_dict(metadata[family]) if family in metadata else infer(shapes)), module_cls
+        name = family_name(metadata, shapes)
+        family = FAMILIES[name]
+        config = family.config.from_dict(metadata[name]) if name in metadata else family.infer_config(shapes)
+        return name, config, family.network
     if part == "vae":
         config = autoencoder_config_from_dict(metadata["vae"]) if "vae" in metadata else infer_autoencoder_config(shapes)
         return "vae", config, AutoencoderKL
@@ -435,14 +432,26 @@ def check_layout(path, part, module, shapes):
         raise CheckpointError(path, f"{part}: {len(missing)} keys missing, e.g. {', '.join(missing[:5])}")
 
 
-def builtin_path(path, name):
-    """The file a "parts_from" entry names: builtin/<file> inside the pack's models/ folder, nothing else."""
-    rel = name[len(BUILTIN_PREFIX):] if isinstance(name, str) and name.startswith(BUILTIN_PREFIX) else None
+def provide_parts(prefix, folder):
+    """Let files take parts ("parts_from") from models named `prefix<file>`, resolved inside `folder` only."""
+    PART_SOURCES[prefix] = Path(folder)
+
+
+def can_provide_parts(name):
+    """Whether a model named `name` can provide parts to another file (its name has a provided prefix)."""
+    return any(name.startswith(prefix) for prefix in PART_SOURCES)
+
+
+def part_source_path(path, name):
+    """The file a "parts_from" entry names: <prefix><file> inside its provided folder, nothing else."""
+    prefix = next((p for p in PART_SOURCES if isinstance(name, str) and name.startswith(p)), None)
+    rel = name[len(prefix):] if prefix else None
     if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
-        raise CheckpointError(path, f"parts_from names {name!r}; only builtin/<file> models can provide parts")
-    source = BUILTIN_DIR / rel
+        raise CheckpointError(path, f"parts_from names {str(name)[:200]!r}; only "
+                                    f"{' or '.join(f'{p}<file>' for p in PART_SOURCES) or 'no'} models can provide parts")
+    source = PART_SOURCES[prefix] / rel
     if not source.is_file():
-        raise CheckpointError(path, f"takes parts from {name!r}, which is not in {BUILTIN_DIR}")
+        raise CheckpointError(path, f"takes parts from {name!r}, which is not in {PART_SOURCES[prefix]}")
     return source
 
 
@@ -498,7 +507,7 @@ def save_checkpoint(path, denoiser, vae, text_encoder, schedule, prediction, dty
     parts_from {"vae"|"text": "builtin/<file>"}: those parts are not written; the loader takes them
     from that built-in model. An identity autoencoder is written as its config alone."""
     parts_from = dict(parts_from or {})
-    family = next(name for name, (_, cls, _) in FAMILIES.items() if isinstance(denoiser, cls))
+    family = family_of(denoiser).name
     metadata = {"format": FORMAT_VERSION, "family": family, family: denoiser.config.to_dict()}
     tensors = {}
     for part, module in (("denoiser", denoiser), ("vae", vae), ("text", text_encoder)):

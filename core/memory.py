@@ -10,7 +10,7 @@ The model of a forward pass in inference mode: at any moment memory holds the pa
 tensors (its input and output, the UNet's skip connections) plus the working set of the one layer
 that runs, and the peak is the largest such sum. Working sets, for B images of C channels over P
 positions and s bytes per element (the module's dtype):
-  convolution level  CONV_LIVE * B * C * P * s: the input, its normalisation and activation, the
+  convolution level  footprint.CONV_LIVE * B * C * P * s: the input, its normalisation and activation, the
                      convolution's output and the residual sum (C: the widest tensor at that size)
   attention          q, k, v, the output and the residual (5 * B * P * C * s) plus the scores and
                      their softmax, 2 * B * heads * chunk * M * s, where chunk is the number of
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from .attention import query_chunk
 from .autoencoder import TILE, TILE_ABOVE, AutoencoderKL, placement
 from .errors import InputError
+from .families import family_of
+from .footprint import attention_bytes, conv_bytes
 
-CONV_LIVE = 4
 CONTEXT_TOKENS = 77  # one chunk of the prompt
 
 
@@ -59,21 +59,8 @@ def estimate_peak(stage, module, shape, f=1, context_tokens=CONTEXT_TOKENS):
     if stage == "sample":
         b, c, h, w = shape
         state = 6 * b * c * h * w * 4  # the sampler's x, denoised, noise and history, in float32
-        network = _transformer_peak if hasattr(module.config, "patch_size") else _unet_peak
-        return state + network(module.config, 2 * b, h, w, s, context_tokens)
+        return state + family_of(module).activation_peak(module.config, 2 * b, h, w, s, context_tokens)
     raise ValueError(f"unknown stage {stage!r}")
-
-
-def _conv(b, c, positions, s):
-    return CONV_LIVE * b * c * positions * s
-
-
-def _attention(b, heads, n, m, c, s):
-    return 2 * b * heads * query_chunk(b, heads, n, m, s) * m * s + 5 * b * n * c * s
-
-
-def _feed_forward(b, n, c, hidden, s):
-    return b * n * (3 * hidden + 2 * c) * s
 
 
 def _autoencoder_peak(module, b, height, width, s, decoder):
@@ -90,35 +77,10 @@ def _autoencoder_peak(module, b, height, width, s, decoder):
         positions = math.ceil(height / 2**i) * math.ceil(width / 2**i)
         # the widest tensor at this size: the encoder's level input, or what the decoder upsamples into it
         neighbour = widths[min(i + 1, len(widths) - 1)] if decoder else widths[max(i - 1, 0)]
-        phases.append(_conv(b, max(c, neighbour), positions, s))
+        phases.append(conv_bytes(b, max(c, neighbour), positions, s))
         if i in config.attn_levels or i == len(widths) - 1:  # the mid block attends at the lowest size
-            phases.append(_attention(b, 1, positions, positions, c, s))
+            phases.append(attention_bytes(b, 1, positions, positions, c, s))
     return max(phases)
-
-
-def _unet_peak(config, b, h, w, s, context_tokens):
-    """Skip connections of every level (all alive at the middle block) plus the largest working set."""
-    skips, phases = 0, []
-    levels = len(config.channel_mult)
-    for level, mult in enumerate(config.channel_mult):
-        c = config.model_channels * mult
-        positions = math.ceil(h / 2**level) * math.ceil(w / 2**level)
-        skips += (config.num_res_blocks + 1) * b * c * positions * s
-        phases.append(_conv(b, 2 * c, positions, s))  # an output block's input: its skip concatenated
-        if level in config.attention_levels or level == levels - 1:
-            heads = config.heads(c)
-            phases += [_attention(b, heads, positions, positions, c, s),
-                       _attention(b, heads, positions, context_tokens, c, s),
-                       _feed_forward(b, positions, c, 8 * c, s)]  # GEGLU: a 2 x 4c projection
-    return skips + max(phases)
-
-
-def _transformer_peak(config, b, h, w, s, context_tokens):
-    n = math.ceil(h / config.patch_size) * math.ceil(w / config.patch_size)
-    tokens = 3 * b * n * config.width * s  # the residual stream, its modulated copy and the block's output
-    return tokens + max(_attention(b, config.heads, n, n, config.width, s),
-                        _attention(b, config.heads, n, context_tokens, config.width, s),
-                        _feed_forward(b, n, config.width, config.mlp_width, s))
 
 
 def available_memory(device):

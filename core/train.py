@@ -16,49 +16,42 @@ from dataclasses import dataclass, replace
 import torch
 
 from .autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder
+from .checkpoint import can_provide_parts, load_checkpoint, read_model_metadata
 from .errors import InputError
-from .checkpoint import BUILTIN_PREFIX, load_checkpoint, read_model_metadata
+from .families import FAMILIES, family_of
 from .memory import estimate_peak, shortfall
 from .meta import empty_modules
 from .schedule import TrainingSchedule
 from .text import CLIPTextConfig, CLIPTextModel
-from .transformer import TransformerConfig, TransformerModel
 from .train_loop import RunOptions, barrier, distributed, state_metadata
 from .train_stages import (
     finetune_decoder, last_value, load_autoencoder, save_autoencoder, save_model, train_autoencoder, train_denoiser,
     write_json,
 )
-from .unet import UNetConfig, UNetModel
+from .unet import UNetConfig
 
 
 # --- the whole recipe -------------------------------------------------------------------------
 
 # The built-in models (models/README.md): 64x64 scenes, an f=4 autoencoder (16x16x4 latents), a
-# two-layer text encoder of width 64, and either a three-level UNet with attention at 8x8 and 4x4 or a
-# PixArt-style transformer over 2x2 latent patches (64 tokens). Pixel space (DDPM's setting): the
+# two-layer text encoder of width 64, and a denoiser of the family's own built-in size (core/families.py:
+# a three-level UNet, or a PixArt-style transformer over 2x2 latent patches). Pixel space (DDPM's setting): the
 # identity autoencoder, a smaller UNet at 32x32 and DDPM's linear schedule 1e-4..0.02.
 TINY_AUTOENCODER = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
 TINY_TEXT = CLIPTextConfig(width=64, layers=2, heads=2, mlp_width=256)
-TINY_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
-                       attention_levels=(1, 2), transformer_depth=1, context_dim=64, num_head_channels=32)
-TINY_TRANSFORMER = TransformerConfig(in_channels=4, out_channels=4, width=192, depth=6, heads=3, context_dim=64,
-                                     patch_size=2, base_size=8)
 TINY_PIXEL_UNET = UNetConfig(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                              attention_levels=(1, 2), transformer_depth=1, context_dim=64, num_head_channels=32)
 TINY_SCHEDULE = TrainingSchedule("scaled_linear")
 PIXEL_SCHEDULE = TrainingSchedule("linear", 1000, 1e-4, 0.02)
-DENOISERS = ("unet", "transformer")
 
 
 def denoiser_config(denoiser, channels, text_width, pixel=False):
-    """The TINY_* config of a family, sized to the latent channels and the text width."""
-    if denoiser not in DENOISERS:
-        raise InputError("--denoiser", f"unknown {denoiser!r}; choose one of {', '.join(DENOISERS)}")
-    config = TINY_TRANSFORMER if denoiser == "transformer" else TINY_PIXEL_UNET if pixel else TINY_UNET
+    """The family's built-in size (core/families.py; the pixel UNet for --pixel), sized to the latent
+    channels and the text width."""
+    if denoiser not in FAMILIES:
+        raise InputError("--denoiser", f"unknown {denoiser!r}; choose one of {', '.join(FAMILIES)}")
+    config = TINY_PIXEL_UNET if pixel and denoiser == "unet" else FAMILIES[denoiser].tiny
     return replace(config, in_channels=channels, out_channels=channels, context_dim=text_width)
-
-
-NETWORKS = {UNetConfig: UNetModel, TransformerConfig: TransformerModel}
 
 
 WHOLE_MODEL = "whole model"  # the record's "fine_tune" value of a run that fine-tuned a whole SD1.x-layout file
@@ -120,7 +113,7 @@ def trained_network(init, config):
     Its family, latent channels and context width must be those of `config`, the run's own."""
     network = load_checkpoint(init.path).denoiser
     have = (type(network).__name__, network.config.in_channels, network.config.context_dim)
-    need = (NETWORKS[type(config)].__name__, config.in_channels, config.context_dim)
+    need = (family_of(config).network.__name__, config.in_channels, config.context_dim)
     if have != need:
         raise InputError(f"--init {init.name}", f"its denoiser is a {have[0]} for {have[1]}-channel inputs and "
                                                 f"{have[2]}-wide text; this run needs a {need[0]} for {need[1]} and {need[2]}")
@@ -129,8 +122,7 @@ def trained_network(init, config):
 
 def check_resolution(resolution, vae, network):
     """The image size must be a multiple of the autoencoder's factor times the denoiser's own downsampling."""
-    inner = (2 ** (len(network.config.channel_mult) - 1) if isinstance(network.config, UNetConfig)
-             else network.config.patch_size)
+    inner = family_of(network).downsampling(network.config)
     multiple = vae.config.f * inner
     if resolution % multiple:
         raise InputError("--resolution", f"{resolution} is not a multiple of {multiple} (the autoencoder's factor "
@@ -140,9 +132,7 @@ def check_resolution(resolution, vae, network):
 def checkpoint_blocks(network):
     """Gradient checkpointing: each UNet block (each transformer block) recomputes its activations in the
     backward pass instead of keeping them, trading compute for memory. The state dict is unchanged."""
-    blocks = ([*network.input_blocks, network.middle_block, *network.output_blocks]
-              if isinstance(network, UNetModel) else list(network.blocks))
-    for block in blocks:
+    for block in family_of(network).blocks(network):
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(block).forward.__get__(block),
                                           use_reentrant=False)
 
@@ -249,7 +239,7 @@ def _parts(recipe, resolution):
     text_width = base_ck.text_encoder.config.width if base_ck else TINY_TEXT.width
     config = denoiser_config(recipe.denoiser, channels, text_width, recipe.pixel)
     torch.manual_seed(recipe.seed)
-    network = trained_network(recipe.init, config) if recipe.init else NETWORKS[type(config)](config)
+    network = trained_network(recipe.init, config) if recipe.init else family_of(config).network(config)
     check_resolution(resolution, vae or AutoencoderKL(TINY_AUTOENCODER), network)
     text = copy.deepcopy(base_ck.text_encoder).float() if base_ck else CLIPTextModel(TINY_TEXT)
     schedule = PIXEL_SCHEDULE if recipe.pixel else TINY_SCHEDULE
@@ -288,7 +278,7 @@ def train_model(recipe, dataset, held_out=None, data_record=None, parts=None):
     path = os.path.join(recipe.out_dir, "model.safetensors")
     if rank == 0:
         parts_from = {}
-        if recipe.base and recipe.base.name.startswith(BUILTIN_PREFIX):
+        if recipe.base and can_provide_parts(recipe.base.name):
             parts_from = {"text": recipe.base.name} if recipe.pixel else {"text": recipe.base.name, "vae": recipe.base.name}
         record = {**(data_record or {}), "data": dataset.describe, "images": len(dataset),
                   "held_out": len(held_out[0]) if held_out else 0, "resolution": dataset.resolution,

@@ -25,6 +25,7 @@ position units, whatever its size (PixArt's base-size interpolation), i.e. colum
 j * base_size / (w * interpolation_scale). At h = w = base_size and the same scale this is exactly
 the table of a model trained at that size.
 """
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -33,6 +34,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import attention
+from .footprint import attention_bytes, feed_forward_bytes
 from .unet import timestep_embedding
 
 LN_EPS = 1e-6
@@ -266,3 +268,13 @@ def infer_transformer_config(shapes, heads=None, *, base_size=None, interpolatio
         interpolation_scale=defaults["interpolation_scale"].default if interpolation_scale is None
         else interpolation_scale,
         frequency_dim=frequency_dim)
+
+
+def activation_peak(config, b, h, w, s, context_tokens):
+    """Peak bytes of one forward pass in inference mode (core/memory.py): the token stream plus the
+    largest working set."""
+    n = math.ceil(h / config.patch_size) * math.ceil(w / config.patch_size)
+    tokens = 3 * b * n * config.width * s  # the residual stream, its modulated copy and the block's output
+    return tokens + max(attention_bytes(b, config.heads, n, n, config.width, s),
+                        attention_bytes(b, config.heads, n, context_tokens, config.width, s),
+                        feed_forward_bytes(b, n, config.width, config.mlp_width, s))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .footprint import attention_bytes, conv_bytes, feed_forward_bytes
 from .norm import group_norm
 
 
@@ -341,3 +342,20 @@ def infer_unet_config(shapes, num_heads=None, num_head_channels=None):
     return UNetConfig(in_channels, need("out.2.weight")[0], model_channels, channel_mult, len(levels[0]),
                       attention_levels, depth, context_dim, num_heads, num_head_channels, use_linear)
 
+
+def activation_peak(config, b, h, w, s, context_tokens):
+    """Peak bytes of one forward pass in inference mode (core/memory.py): the skip connections of every
+    level (all alive at the middle block) plus the largest working set."""
+    skips, phases = 0, []
+    levels = len(config.channel_mult)
+    for level, mult in enumerate(config.channel_mult):
+        c = config.model_channels * mult
+        positions = math.ceil(h / 2**level) * math.ceil(w / 2**level)
+        skips += (config.num_res_blocks + 1) * b * c * positions * s
+        phases.append(conv_bytes(b, 2 * c, positions, s))  # an output block's input: its skip concatenated
+        if level in config.attention_levels or level == levels - 1:
+            heads = config.heads(c)
+            phases += [attention_bytes(b, heads, positions, positions, c, s),
+                       attention_bytes(b, heads, positions, context_tokens, c, s),
+                       feed_forward_bytes(b, positions, c, 8 * c, s)]  # GEGLU: a 2 x 4c projection
+    return skips + max(phases)

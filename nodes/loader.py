@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import model_paths
+from . import model_paths
 from ..core.checkpoint import load_checkpoint
 from ..core.pipeline import DiffusionModel, TextEncoder
 from ..core.preview import fit_latent_to_rgb

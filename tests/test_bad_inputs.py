@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_nodes import routes, runner
+from ldm_nodes.headless import runner
+from ldm_nodes.nodes import routes
 from ldm_nodes.core import attention as attention_module
 from ldm_nodes.core import checkpoint as ck
 from ldm_nodes.core import memory
@@ -383,7 +384,8 @@ def img2img_in(work, image_name):
 def test_load_image_in_the_runner_reads_16_bit_grey_as_grey_not_white(tmp_path):
     (tmp_path / "in").mkdir()
     IMAGES["grey16.png"][0](tmp_path / "in" / "g.png")
-    from ldm_nodes.standins import LoadImage, Session, using
+    from ldm_nodes.headless.session import Session, using
+    from ldm_nodes.headless.standins import LoadImage
     with using(Session(tmp_path / "out", tmp_path / "in")):
         image, mask = LoadImage().load_image("g.png")
     assert image.shape == (1, 64, 64, 3) and float(image.mean()) == pytest.approx(0.5, abs=0.01)
@@ -455,7 +457,7 @@ def test_nll_refuses_images_from_their_header_before_decoding(work, tmp_path):
 
 
 def test_nll_reads_a_16_bit_image_through_the_one_reader(work, tmp_path, capsys):
-    from ldm_nodes.__main__ import main
+    from ldm_nodes.cli import main
     grey = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
     Image.fromarray(grey).save(tmp_path / "g16.png")
     Image.fromarray(np.round(grey / 257).astype(np.uint8)).convert("RGB").save(tmp_path / "g8.png")

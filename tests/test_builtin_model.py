@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_nodes import model_paths, runner
+from ldm_nodes.headless import runner
+from ldm_nodes.nodes import model_paths
 from ldm_nodes.core.checkpoint import load_checkpoint, read_model_metadata
 from ldm_nodes.core.data import parse_caption
 from ldm_nodes.nodes import LDMLoadModel
@@ -102,7 +103,7 @@ PIXEL = "builtin/tiny-shapes-pixel.safetensors"
 
 
 def nll(*args):
-    from ldm_nodes.__main__ import main
+    from ldm_nodes.cli import main
     return main(["nll", *map(str, args), "--json"])
 
 

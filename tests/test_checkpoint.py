@@ -292,7 +292,7 @@ def test_unknown_family_is_named(tmp_path, saved):
 def builtin_dir(tmp_path, monkeypatch):
     folder = tmp_path / "models"
     folder.mkdir()
-    monkeypatch.setattr(ck, "BUILTIN_DIR", folder)
+    monkeypatch.setitem(ck.PART_SOURCES, "builtin/", folder)
     return folder
 
 

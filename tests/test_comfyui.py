@@ -58,7 +58,7 @@ from ldm_nodes.core.checkpoint import save_checkpoint  # noqa: E402
 from ldm_nodes.core.schedule import TrainingSchedule  # noqa: E402
 from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from ldm_nodes.core.unet import UNetConfig, UNetModel  # noqa: E402
-from ldm_nodes.standins import STAND_INS  # noqa: E402
+from ldm_nodes.headless.standins import STAND_INS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMFY = Path(COMFYUI_DIR).expanduser().resolve()

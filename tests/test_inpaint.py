@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import ldm_nodes
-from ldm_nodes import runner
+from ldm_nodes.headless import runner
 from ldm_nodes.core import pipeline
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_nodes.core.data import COLOR_RGB, Scene, render
@@ -21,8 +21,8 @@ from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.unet import UNetConfig, UNetModel
 from ldm_nodes.nodes.latent import LDMEncodeImage
 from ldm_nodes.nodes.loader import Loaded
-from ldm_nodes.standins import (ImageCompositeMasked, ImageToMask, InvertMask, LoadImage, Session, SetLatentNoiseMask,
-                                using)
+from ldm_nodes.headless.session import Session, using
+from ldm_nodes.headless.standins import ImageCompositeMasked, ImageToMask, InvertMask, LoadImage, SetLatentNoiseMask
 
 PACK = Path(ldm_nodes.__file__).resolve().parent
 

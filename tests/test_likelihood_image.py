@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_nodes.__main__ import main
+from ldm_nodes.cli import main
 from ldm_nodes.core import checkpoint as ck
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder
 from ldm_nodes.core.likelihood import variational_bound
@@ -136,7 +136,7 @@ def test_node_returns_the_mean_bound_and_a_plot(images):
     vae = IdentityAutoencoder()
     calls = []
     loaded = LoadedModel(model, model.network, "m", Loaded(vae, vae, "m"))
-    from ldm_nodes import runner
+    from ldm_nodes.headless import runner
     original = runner.progress
     runner.progress = lambda done, total: calls.append((done, total))
     try:
@@ -221,7 +221,7 @@ def test_nll_command_names_a_missing_model(tmp_path, capsys):
 
 
 def test_nodes_take_a_pixel_space_file_like_any_other(pixel_file):
-    from ldm_nodes import model_paths
+    from ldm_nodes.nodes import model_paths
     from ldm_nodes.nodes import LDMDecodeLatent, LDMEmptyLatent, LDMEncodeImage, LDMLoadModel
     saved = list(model_paths._model_dirs)
     model_paths.set_model_dirs([pixel_file])

@@ -35,7 +35,7 @@ def test_initialisation_outside_is_untouched():
 
 def test_loading_a_model_does_not_import_torch_dynamo():
     code = ("import sys\nfrom ldm_nodes.core.checkpoint import load_checkpoint\n"
-            "from ldm_nodes.model_paths import resolve_model\n"
+            "from ldm_nodes.nodes.model_paths import resolve_model\n"
             "load_checkpoint(resolve_model('builtin/tiny-shapes.safetensors'))\n"
             "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo'))[:3])\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ldm_nodes
-from ldm_nodes import model_paths
+from ldm_nodes.nodes import model_paths
 from ldm_nodes.core import checkpoint as ck
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_nodes.core.pipeline import ScheduleSpec
@@ -211,7 +211,7 @@ class Block:
         if name.split('.')[0] in HOST:
             raise ImportError('no ' + name)
 sys.meta_path.insert(0, Block())
-import ldm_nodes, ldm_nodes.runner, ldm_nodes.routes
+import ldm_nodes, ldm_nodes.headless.runner, ldm_nodes.nodes.routes
 from ldm_nodes.nodes import host
 assert not host.in_comfyui()
 assert len(ldm_nodes.NODE_CLASS_MAPPINGS) == 9

@@ -12,7 +12,7 @@ import torch
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from ldm_nodes import model_paths, routes
+from ldm_nodes.nodes import model_paths, routes
 from ldm_nodes.core import checkpoint as ck
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_nodes.core.pipeline import ScheduleSpec
@@ -314,7 +314,7 @@ def test_add_routes_registers_on_a_route_table():
 
 
 def test_routes_import_nothing_from_comfyui():
-    code = ("import sys, ldm_nodes.routes; "
+    code = ("import sys, ldm_nodes.nodes.routes; "
             "bad = {'server', 'folder_paths', 'comfy', 'nodes', 'execution'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_nodes import runner
-from ldm_nodes.__main__ import main
+from ldm_nodes.headless import runner
+from ldm_nodes.cli import main
 
 CALLS = []  # (class name, node id, kwargs) of every node function call
 

@@ -1,6 +1,7 @@
 """The trainer: losses fall, runs resume exactly, saved models load, settings are guarded."""
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from ldm_nodes.core.autoencoder import AutoencoderConfig, IdentityAutoencoder
 from ldm_nodes.core.checkpoint import load_checkpoint
 from ldm_nodes.core.data import downsample, make_dataset
 from ldm_nodes.core.datasets import TensorImages
+from ldm_nodes.core.families import FAMILIES
 from ldm_nodes.core.objective import q_sample
 from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.text import CLIPTextConfig
@@ -200,11 +202,11 @@ def test_a_model_on_a_builtin_base_holds_only_its_denoiser(tmp_path, data, monke
     images, captions = data
     builtin = tmp_path / "models"
     builtin.mkdir()
-    monkeypatch.setattr(checkpoint, "BUILTIN_DIR", builtin)
+    monkeypatch.setitem(checkpoint.PART_SOURCES, "builtin/", builtin)
     vae, _ = train.train_autoencoder(options(tmp_path / "vae", 3), VAE, dataset(images))
     unet, text = fresh()
     train.save_model(builtin / "base.safetensors", unet, vae, text, SCHEDULE, "eps", {})
-    monkeypatch.setattr(train, "TINY_TRANSFORMER", TransformerConfig(4, 4, 32, 1, 1, 32, base_size=4))
+    monkeypatch.setitem(FAMILIES, "transformer", replace(FAMILIES["transformer"], tiny=TransformerConfig(4, 4, 32, 1, 1, 32, base_size=4)))
     monkeypatch.setattr(train, "TINY_PIXEL_UNET", UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
     base = train.ModelRef(builtin / "base.safetensors", "builtin/base.safetensors")
     for denoiser, pixel, shared in (("transformer", False, {"text", "vae"}), ("unet", True, {"text"})):
@@ -229,8 +231,8 @@ def test_init_starts_the_denoiser_from_a_trained_model(tmp_path, data, monkeypat
     images, captions = data
     builtin = tmp_path / "models"
     builtin.mkdir()
-    monkeypatch.setattr(checkpoint, "BUILTIN_DIR", builtin)
-    monkeypatch.setattr(train, "TINY_TRANSFORMER", TransformerConfig(4, 4, 32, 1, 1, 32, base_size=4))
+    monkeypatch.setitem(checkpoint.PART_SOURCES, "builtin/", builtin)
+    monkeypatch.setitem(FAMILIES, "transformer", replace(FAMILIES["transformer"], tiny=TransformerConfig(4, 4, 32, 1, 1, 32, base_size=4)))
     vae, _ = train.train_autoencoder(options(tmp_path / "vae", 3), VAE, dataset(images))
     unet, text = fresh()
     train.save_model(builtin / "base.safetensors", unet, vae, text, SCHEDULE, "eps", {})
@@ -314,7 +316,7 @@ def test_autoencoder_stages_are_trained_once_then_reused(tmp_path, data, monkeyp
 
 
 def test_train_command_names_a_missing_init_model(tmp_path, capsys):
-    from ldm_nodes.__main__ import main
+    from ldm_nodes.cli import main
 
     assert main(["train", "--out", str(tmp_path), "--init", "builtin/no-such.safetensors"]) == 1
     assert capsys.readouterr().err.startswith("error: --init: ")
@@ -323,8 +325,8 @@ def test_train_command_names_a_missing_init_model(tmp_path, capsys):
 def test_train_command_takes_another_runs_model_file_as_init(tmp_path):
     """--init by path (a run's own model.safetensors is in no model folder): one step from the shipped
     transformer's weights, and the record names the file."""
-    from ldm_nodes.__main__ import main
-    from ldm_nodes.model_paths import resolve_model
+    from ldm_nodes.cli import main
+    from ldm_nodes.nodes.model_paths import resolve_model
 
     init = str(resolve_model("builtin/tiny-shapes-transformer.safetensors"))
     out = tmp_path / "run"
@@ -350,7 +352,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keys():
 def test_train_help_gives_every_flag_a_help_line_and_its_default(capsys):
     import re
 
-    from ldm_nodes.__main__ import main
+    from ldm_nodes.cli import main
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])

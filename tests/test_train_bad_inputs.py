@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_nodes.__main__ import main
+from ldm_nodes.cli import main
 from ldm_nodes.core import memory, train, train_stages
 
 FAST = ["--images", "8", "--resolution", "32", "--vae-steps", "1", "--steps", "1", "--batch-size", "2",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ldm_nodes.__main__ import main
+from ldm_nodes.cli import main
 
 # Stage 1 and the denoiser, both with --flip (so the per-rank slices of every draw are exercised):
 # a global batch of 4 images, as 4 in one process or 2 in each of two.
@@ -45,7 +45,7 @@ LAUNCHER = textwrap.dedent("""
         return _save_file(tensors, filename, *args, **kwargs)
 
     builtins.open, os.replace, safetensors.torch.save_file = logged_open, logged_replace, logged_save_file
-    from ldm_nodes.__main__ import main
+    from ldm_nodes.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
 

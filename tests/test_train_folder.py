@@ -2,6 +2,7 @@
 and the trained model in use through `run` by its path."""
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +11,15 @@ import torch
 from PIL import Image
 
 import ldm_nodes
-from ldm_nodes import model_paths
-from ldm_nodes.__main__ import main
+from ldm_nodes.cli import main
 from ldm_nodes.core import train
 from ldm_nodes.core.autoencoder import AutoencoderConfig
 from ldm_nodes.core.datasets import materialise, scan_folder, split_held_out, square_crop
+from ldm_nodes.core.families import FAMILIES
 from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.text import CLIPTextConfig
 from ldm_nodes.core.unet import UNetConfig
+from ldm_nodes.nodes import model_paths
 
 
 def stripes(path, size, seed, mode="RGB"):
@@ -111,7 +113,7 @@ def test_a_model_trained_on_a_folder_runs_by_its_path(folder, tmp_path, monkeypa
     """train --data, then `run` with ckpt_name = the model file's path; the record keeps both curves
     and the run folder has the plot."""
     monkeypatch.setattr(train, "TINY_AUTOENCODER", VAE)
-    monkeypatch.setattr(train, "TINY_UNET", UNET)
+    monkeypatch.setitem(FAMILIES, "unet", replace(FAMILIES["unet"], tiny=UNET))
     monkeypatch.setattr(train, "TINY_TEXT", TEXT)
     out = tmp_path / "run"
     assert main(["train", "--data", str(folder), "--out", str(out), "--resolution", "32", "--vae-steps", "2",

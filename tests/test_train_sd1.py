@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm_nodes.__main__ import main
+from ldm_nodes.cli import main
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_nodes.core.checkpoint import load_checkpoint, save_checkpoint
 from ldm_nodes.core.schedule import TrainingSchedule

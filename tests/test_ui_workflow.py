@@ -9,9 +9,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import ldm_nodes
-from ldm_nodes import runner
-from ldm_nodes.__main__ import main
-from ldm_nodes.ui_workflow import ui_to_api
+from ldm_nodes.headless import runner
+from ldm_nodes.cli import main
+from ldm_nodes.headless.ui_workflow import ui_to_api
 
 PACK = Path(ldm_nodes.__file__).resolve().parent
 WORKFLOWS = PACK / "workflows"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from ldm_nodes import model_paths, routes
+from ldm_nodes.nodes import model_paths, routes
 from ldm_nodes.tools.model_files import edited_copy
 
 WEB = Path(__file__).resolve().parents[1] / "web"

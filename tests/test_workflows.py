@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import ldm_nodes
-from ldm_nodes import model_paths, runner
+from ldm_nodes.headless import runner
+from ldm_nodes.nodes import model_paths
 from ldm_nodes.core import checkpoint as ck
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_nodes.core.data import parse_caption

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import runner
-from ..__main__ import main as cli
+from ..headless import runner
+from ..cli import main as cli
 
 PACK = Path(__file__).resolve().parents[1]
 GOLDEN = PACK / "tests" / "golden"

@@ -6,7 +6,7 @@ import comfy.model_patcher
 import comfy.samplers
 import comfy.utils
 
-from .nodes.host import Host, Progress
+from .host import Host, Progress
 
 
 class ComfyHost(Host):

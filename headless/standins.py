@@ -3,16 +3,14 @@
 SaveImage writes <out>/<filename_prefix>_00001_.png, ... (numbering continues after the files
 already there) and refuses a prefix that leaves <out>; PreviewImage writes the same way to
 <out>/temp/ComfyUI_temp_00001_.png, ... (ComfyUI's temp folder; delete it freely). LoadImage reads
-names inside the input folder only. The folders are those of the run in progress (`session()`),
-which the runner sets with `using(Session(...))`.
+names inside the input folder only. The folders are those of the run in progress (session.py's
+`session()`), which the runner sets with `using(Session(...))`.
 The mask nodes (SetLatentNoiseMask, ImageToMask, InvertMask, ImageCompositeMasked) are ComfyUI's
 (nodes.py, comfy_extras/nodes_mask.py at 0.3.64), with the same inputs and results.
 """
 import json
 import os
 import re
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,44 +18,11 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .core.errors import InputError
-from .core.images import read_image
-from .core.inpaint import composite
-
-
-@dataclass
-class Session:
-    """The folders and hidden values (PROMPT, EXTRA_PNGINFO, UNIQUE_ID) of the run in progress."""
-
-    out_dir: Path = Path("output")
-    input_dir: Path = Path("input")
-    prompt: dict | None = None
-    extra_pnginfo: dict | None = None
-
-    @property
-    def temp_dir(self):
-        return self.out_dir / "temp"
-
-    def hidden(self, kind, node_id):
-        return {"PROMPT": self.prompt, "EXTRA_PNGINFO": self.extra_pnginfo, "UNIQUE_ID": node_id}.get(kind)
-
-
-_session = Session()
-
-
-@contextmanager
-def using(session):
-    global _session
-    previous, _session = _session, session
-    try:
-        yield session
-    finally:
-        _session = previous
-
-
-def session():
-    """The run in progress (default folders ./output and ./input outside a run)."""
-    return _session
+from ..core.errors import InputError
+from ..core.files import file_in_the_way
+from ..core.images import read_image
+from ..core.inpaint import composite
+from .session import session
 
 
 def _check(function, *args):
@@ -75,15 +40,6 @@ def _check(function, *args):
 
 MAX_PREFIX_BYTES = 200  # each part of the prefix, so "<part>_00001_.png" stays within a file system's 255
 MAX_PREFIX_LENGTH = 1024
-
-
-def file_in_the_way(path):
-    """The nearest of `path` and its parents that exists, when it is not a folder (so `path` cannot be
-    or become a folder); None otherwise."""
-    for existing in (path, *path.parents):
-        if existing.exists():
-            return None if existing.is_dir() else existing
-    return None
 
 
 def _save_target(root, filename_prefix):
@@ -149,10 +105,10 @@ class SaveImage:
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix):
-        return _check(_save_target, _session.out_dir, filename_prefix)
+        return _check(_save_target, session().out_dir, filename_prefix)
 
     def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
-        return _save_pngs(images, _session.out_dir, filename_prefix, "output", 4, prompt, extra_pnginfo)
+        return _save_pngs(images, session().out_dir, filename_prefix, "output", 4, prompt, extra_pnginfo)
 
 
 class PreviewImage:
@@ -167,13 +123,13 @@ class PreviewImage:
         return {"required": {"images": ("IMAGE",)}, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
 
     def save_images(self, images, prompt=None, extra_pnginfo=None):
-        return _save_pngs(images, _session.temp_dir, "ComfyUI_temp", "temp", 1, prompt, extra_pnginfo)
+        return _save_pngs(images, session().temp_dir, "ComfyUI_temp", "temp", 1, prompt, extra_pnginfo)
 
 
 def _input_file(name):
     if "\0" in name:
         raise ValueError("image: the name holds a NUL byte")
-    root = _session.input_dir.resolve()
+    root = session().input_dir.resolve()
     path = (root / name).resolve()
     if not path.is_relative_to(root):
         raise ValueError(f"image: {name!r} resolves outside the input folder {root}")
@@ -190,7 +146,7 @@ class LoadImage:
 
     @classmethod
     def INPUT_TYPES(cls):
-        folder = _session.input_dir
+        folder = session().input_dir
         files = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
         return {"required": {"image": (files, {"image_upload": True})}}
 

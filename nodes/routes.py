@@ -51,9 +51,9 @@ import torch
 from aiohttp import web
 
 from . import model_paths
-from .core import checkpoint
-from .core.pipeline import ScheduleSpec
-from .core.schedule import SPACINGS, TrainingSchedule, sampling_schedule
+from ..core import checkpoint
+from ..core.pipeline import ScheduleSpec
+from ..core.schedule import SPACINGS, TrainingSchedule, sampling_schedule
 
 SCHEDULE_PATH = "/ldm/schedule"
 STEPS_RANGE = (1, 1000)

@@ -19,7 +19,7 @@ a link from an undeclared input does not make its source run.
 import inspect
 import math
 
-from .standins import session
+from .session import session
 
 PRIMITIVES = {"INT": ((int,), "an integer"), "FLOAT": ((int, float), "a number"),
               "BOOLEAN": ((bool,), "true or false"), "STRING": ((str,), "a string")}

@@ -34,10 +34,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .core.errors import InputError
-from .core.progress import TextProgress
-from .nodes import NODE_CLASS_MAPPINGS, host
-from .standins import STAND_INS, Session, file_in_the_way, using
+from ..core.devices import usable_device
+from ..core.errors import InputError
+from ..core.files import file_in_the_way
+from ..core.progress import TextProgress
+from ..nodes import NODE_CLASS_MAPPINGS, host
+from .session import Session, using
+from .standins import STAND_INS
 from .ui_workflow import is_ui_workflow, ui_to_api
 from .validation import NodeError, ValidationError, WorkflowError, call_kwargs, input_specs, validate_graph
 
@@ -69,16 +72,6 @@ _bar = None  # the running node's progress line
 def device():
     """The torch device our nodes run on headless (set by the CLI's --device; default cpu)."""
     return _host.torch_device
-
-
-def usable_device(name):
-    """torch.device(name) once a tensor can be made on it; InputError naming --device otherwise."""
-    try:
-        chosen = torch.device(name)
-        torch.empty(0, device=chosen)
-    except (RuntimeError, AssertionError, ValueError) as error:
-        raise InputError("--device", f"device {name[:80]!r} cannot be used: {str(error).splitlines()[0][:200]}") from None
-    return chosen
 
 
 def set_device(name):

@@ -9,7 +9,12 @@ a name that resolves outside every folder ('../', absolute paths, links out) is 
 import os
 from pathlib import Path
 
-from .core.checkpoint import BUILTIN_DIR, BUILTIN_PREFIX
+from ..core.checkpoint import provide_parts
+
+# The pack's own models: listed first, and the only files other models may take parts from.
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "models"
+BUILTIN_PREFIX = "builtin/"
+provide_parts(BUILTIN_PREFIX, BUILTIN_DIR)
 
 EXTENSION = ".safetensors"
 DEFAULT_MODEL = "tiny-shapes.safetensors"

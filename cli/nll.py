@@ -1,0 +1,119 @@
+"""`python -m ldm_nodes nll IMAGE...`: DDPM's variational bound of images under a model."""
+import sys
+from pathlib import Path
+
+from .errors import fail
+
+
+def add_parser(commands):
+    parser = commands.add_parser("nll", help="the variational bound of images (bits/dim for pixel-space models)",
+                              description="DDPM's variational bound (Ho et al. 2020, eq. 5) of each image under a "
+                                          "model: one line per image, the path then the bound. Pixel-space models "
+                                          "give bits/dim of the 8-bit image; latent models nats/dim of its latent.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="RGB image files at the model's training size")
+    parser.add_argument("--model", default="builtin/tiny-shapes-pixel.safetensors",
+                     help="model name (default: the built-in pixel-space model)")
+    parser.add_argument("--prompt", help="caption to condition on (default: the empty prompt)")
+    parser.add_argument("--models-dir", action="append", default=[], help="model folder (repeatable)")
+    parser.add_argument("--steps", type=int, default=0,
+                     help="0: all T timesteps (default); K >= 2: K sampled timesteps, with a standard error")
+    parser.add_argument("--variance", choices=["beta_tilde", "beta"], default="beta_tilde",
+                     help="the fixed reverse variance (DDPM section 3.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr (errors still show)")
+    return parser
+
+
+def run(args):
+    import json
+    import math
+
+    import torch
+
+    from ..core.checkpoint import load_checkpoint, read_header
+    from ..core.errors import InputError
+    from ..core.images import read_image
+    from ..core.pipeline import DiffusionModel, likelihood
+    from ..core.progress import TextProgress
+    from ..core.text import CLIPTokenizer, encode_prompt
+    from ..nodes.model_paths import resolve_model, set_model_dirs
+    from ..headless.runner import usable_device
+
+    try:  # every check that needs no weights first: flags, the model's header, the images' headers
+        missing = [d for d in args.models_dir if not Path(d).is_dir()]
+        if missing:
+            raise ValueError(f"--models-dir {missing[0]}: no such folder")
+        if not 0 <= args.seed < 2**64:
+            raise ValueError(f"--seed: must be in [0, 2^64 - 1], got {args.seed}")
+        device = usable_device(args.device)
+        for image in args.images:  # a mistyped name fails before any model is looked up
+            if not Path(image).is_file():
+                raise InputError(image, "no such file")
+        set_model_dirs(args.models_dir)
+        path = resolve_model(args.model)
+        header = read_header(path)
+        T = header.schedule.num_timesteps
+        if not (args.steps == 0 or 2 <= args.steps <= T - 1):
+            raise ValueError(f"--steps: 0 (all {T} timesteps) or a strided estimate of 2..{T - 1}, got {args.steps}")
+        resolution = header.metadata.get("training", {}).get("resolution")
+        for image in args.images:
+            _check_image_header(image, resolution)
+        checkpoint = load_checkpoint(path, device=device)
+        model = DiffusionModel.from_checkpoint(checkpoint)
+        context = None
+        if args.prompt is not None:
+            with torch.inference_mode():
+                context = encode_prompt(CLIPTokenizer(), checkpoint.text_encoder, args.prompt)
+        images = [read_image(image)[0] for image in args.images]
+    except ValueError as error:  # InputError and CheckpointError are ValueErrors
+        return fail(error)
+    unit = "bits/dim" if model.pixel_space else "nats/dim (latent)"
+    print(f"unit: {unit} ({'8-bit pixels' if model.pixel_space else 'the scaled latent of the autoencoder'}), "
+          f"model {args.model}, "
+          f"{'all timesteps' if not args.steps else f'{args.steps} sampled timesteps (the bound, then its standard error)'}",
+          file=sys.stderr)
+    results = []
+    for path, pixels in zip(args.images, images):
+        image = torch.from_numpy(pixels)[None]
+        bar = TextProgress(f"nll {path}")
+        report = None if args.quiet else (lambda done, total: bar.update(done, total, "network calls"))
+        try:
+            bound = likelihood(model, checkpoint.vae, image, context, args.variance, args.steps, args.seed,
+                               progress=report)
+            bar.close()  # before any message, so it starts a line of its own
+            if not math.isfinite(float(bound.total[0])):
+                raise FloatingPointError(f"the bound is {float(bound.total[0])}: the model's output is not finite "
+                                         "for this image")
+        except (ValueError, FloatingPointError) as error:
+            bar.close()
+            return fail(f"{path}: {error}")
+        per_dim = bound.nats[0] / bound.total[0]  # nats per image -> the unit
+        row = {"image": path, "nll": float(bound.total[0]), "prior": float(bound.prior[0] / per_dim),
+               "decoder": float(bound.decoder[0] / per_dim), "nats": float(bound.nats[0])}
+        if bound.standard_error is not None:
+            row["standard_error"] = float(bound.standard_error[0])
+        results.append(row)
+        if not args.json:
+            error = f"\t{row['standard_error']:.4f}" if "standard_error" in row else ""
+            print(f"{path}\t{row['nll']:.4f}{error}", flush=True)
+    if args.json:
+        print(json.dumps({"unit": unit, "model": args.model, "prompt": args.prompt or "", "variance": args.variance,
+                          "steps": args.steps, "seed": args.seed, "images": results}, indent=1))
+    return 0
+
+
+def _check_image_header(path, resolution):
+    """Refuse from the image file's header, before decoding it: transparency, or a size other than the
+    model's training size (when its file says)."""
+    from ..core.images import open_image
+
+    with open_image(path) as image:
+        if "A" in image.getbands() or "transparency" in image.info:
+            raise ValueError(f"{path}: mode {image.mode} has transparency; the bound is defined for RGB images "
+                             "(convert it to RGB without alpha first)")
+        width, height = image.size
+        if resolution and (width, height) != (resolution, resolution):
+            raise ValueError(f"{path}: {width}x{height}, but this model was trained on {resolution}x{resolution} "
+                             "images; resize it")

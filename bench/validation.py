@@ -14,7 +14,6 @@ Prints, in milliseconds (median of repeats, this process, one thread):
     torch's start-up, which no check can avoid).
 """
 import json
-import os
 import statistics
 import struct
 import subprocess
@@ -71,7 +70,7 @@ def main():
     print(f"check_fits encode + sample + decode, 64 x 64: {sum(ms(c) for c in checks):.2f} ms")
     for name in ("tiny-shapes", "tiny-shapes-transformer", "tiny-shapes-pixel"):
         print(f"read_header {name}: {ms(lambda: ck.read_header(PACK / 'models' / f'{name}.safetensors'), 5):.1f} ms")
-    keys = Path(os.environ.get("LDM_SHARED_DIR", PACK.parent / "shared")) / "sd15_keys.txt"
+    keys = PACK / "tests" / "data" / "sd15_keys.txt"
     if keys.exists():
         entries, end = {}, 0
         for line in keys.read_text().splitlines():

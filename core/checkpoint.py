@@ -191,26 +191,9 @@ def _json(path, raw, what):
 def _check_tensors(path, tensors, start, size):
     """Every entry is {dtype, shape, data_offsets} with a known dtype, a size that matches its
     offsets, and offsets that tile the data without gap or overlap, inside the file."""
-    spans = []
-    for key, entry in tensors.items():
-        if not isinstance(entry, dict):
-            raise CheckpointError(path, f"tensor {key!r}: its header entry is not an object")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _ITEMSIZE:
-            raise CheckpointError(path, f"tensor {key!r}: unknown dtype {dtype!r:.40}")
-        if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
-                or not all(type(d) is int and 0 <= d < 2**48 for d in shape)):
-            raise CheckpointError(path, f"tensor {key!r}: shape must be a list of at most {_MAX_DIMS} sizes, "
-                                        f"got {str(shape)[:80]}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(type(o) is int and 0 <= o < 2**63 for o in offsets) or offsets[0] > offsets[1]):
-            raise CheckpointError(path, f"tensor {key!r}: data_offsets must be [begin, end], got {str(offsets)[:80]}")
-        if offsets[1] - offsets[0] != math.prod(shape) * _ITEMSIZE[dtype]:
-            raise CheckpointError(path, f"tensor {key!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} "
-                                        f"bytes, but shape {shape} of {dtype} needs {math.prod(shape) * _ITEMSIZE[dtype]}")
-        spans.append((offsets[0], offsets[1], key))
+    spans = sorted((*_check_entry(path, key, entry), key) for key, entry in tensors.items())
     end = 0
-    for begin, stop, key in sorted(spans):
+    for begin, stop, key in spans:
         if begin != end:
             problem = "overlap the tensor before it" if begin < end else "leave a gap after the tensor before it"
             raise CheckpointError(path, f"tensor {key!r}: data_offsets [{begin}, {stop}] {problem}")
@@ -219,6 +202,26 @@ def _check_tensors(path, tensors, start, size):
         raise CheckpointError(path, f"truncated: the header describes {start + end} bytes, the file has {size}")
     if start + end < size:
         raise CheckpointError(path, f"{size - start - end} bytes after the last tensor's data; the file is corrupt")
+
+
+def _check_entry(path, key, entry):
+    """(begin, end) of one header entry's data, once its dtype, shape and offsets are valid and agree."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(path, f"tensor {key!r}: its header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _ITEMSIZE:
+        raise CheckpointError(path, f"tensor {key!r}: unknown dtype {dtype!r:.40}")
+    if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
+            or not all(type(d) is int and 0 <= d < 2**48 for d in shape)):
+        raise CheckpointError(path, f"tensor {key!r}: shape must be a list of at most {_MAX_DIMS} sizes, "
+                                    f"got {str(shape)[:80]}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and 0 <= o < 2**63 for o in offsets) or offsets[0] > offsets[1]):
+        raise CheckpointError(path, f"tensor {key!r}: data_offsets must be [begin, end], got {str(offsets)[:80]}")
+    if offsets[1] - offsets[0] != math.prod(shape) * _ITEMSIZE[dtype]:
+        raise CheckpointError(path, f"tensor {key!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} "
+                                    f"bytes, but shape {shape} of {dtype} needs {math.prod(shape) * _ITEMSIZE[dtype]}")
+    return offsets[0], offsets[1]
 
 
 def _refuse_pickles(path, head, size):
@@ -285,28 +288,38 @@ def _check_metadata(path, metadata):
 
 def _check_config_dict(path, name, config):
     """Each value of a config: a bounded integer, a bounded positive number (the fields of
-    _FLOAT_LIMITS), a short string or list of integers, a boolean or null."""
+    _FLOAT_LIMITS), a short string or list of integers, a boolean or null; the field's table decides."""
     for key, value in config.items():
         where = f"{name}.{str(key)[:40]}"
         if key in _LIMITS:
             _check_number(path, where, value, _LIMITS[key])
         elif key in _TUPLE_LIMITS or isinstance(value, (list, tuple)):
-            if not isinstance(value, (list, tuple)):
-                raise CheckpointError(path, f"metadata {where}: must be a list, got {str(value)[:40]}")
-            if len(value) > _MAX_LEVELS:
-                raise CheckpointError(path, f"metadata {where}: {len(value)} entries; at most {_MAX_LEVELS}")
-            for item in value:
-                _check_number(path, where, item, _TUPLE_LIMITS.get(key, _WIDTH_LIMIT))
+            _check_list(path, where, value, _TUPLE_LIMITS.get(key, _WIDTH_LIMIT))
         elif isinstance(value, str):
             if len(value) > _STRING_LIMIT:
                 raise CheckpointError(path, f"metadata {where}: a string of {len(value)} characters")
         elif key in _FLOAT_LIMITS and value is not None:
-            lo, hi = _FLOAT_LIMITS[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
-                raise CheckpointError(path, f"metadata {where}: must be a number above {lo} and below {hi:g}, "
-                                            f"got {str(value)[:40]}")
+            _check_float(path, where, value, _FLOAT_LIMITS[key])
         elif value is not None and not isinstance(value, bool):
             _check_number(path, where, value, _WIDTH_LIMIT)
+
+
+def _check_list(path, where, value, bounds):
+    """A list of at most _MAX_LEVELS integers, each from lo to hi."""
+    if not isinstance(value, (list, tuple)):
+        raise CheckpointError(path, f"metadata {where}: must be a list, got {str(value)[:40]}")
+    if len(value) > _MAX_LEVELS:
+        raise CheckpointError(path, f"metadata {where}: {len(value)} entries; at most {_MAX_LEVELS}")
+    for item in value:
+        _check_number(path, where, item, bounds)
+
+
+def _check_float(path, where, value, bounds):
+    """A number strictly between lo and hi."""
+    lo, hi = bounds
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
+        raise CheckpointError(path, f"metadata {where}: must be a number above {lo} and below {hi:g}, "
+                                    f"got {str(value)[:40]}")
 
 
 def _check_number(path, where, value, bounds):

@@ -47,7 +47,11 @@ class RunOptions:
 # --- bookkeeping ------------------------------------------------------------------------------
 
 class EMA:
-    """Exponential moving average of parameters, theta_ema <- d theta_ema + (1 - d) theta."""
+    """Exponential moving average of parameters, theta_ema <- d theta_ema + (1 - d) theta.
+
+    By hand rather than torch.optim.swa_utils.AveragedModel: the shadow is a plain fp32 state dict that
+    the safetensors training state saves as it is (AveragedModel keeps a deep copy of the module, in its
+    dtype, with a counter buffer of its own), and the warm-up of the decay is one line."""
 
     def __init__(self, module, decay):
         self.decay = decay
@@ -152,7 +156,10 @@ def load_state(path, modules, optimizer, ema, generator, info):
 
 
 def learning_rate(opts, step):
-    """Linear warmup over opts.warmup steps, then a cosine decay to a tenth of opts.lr at opts.steps."""
+    """Linear warmup over opts.warmup steps, then a cosine decay to a tenth of opts.lr at opts.steps.
+
+    A function of the step rather than a LambdaLR: a resumed run sets the rate from its step alone,
+    with no scheduler state to save and restore."""
     if step < opts.warmup:
         return opts.lr * (step + 1) / opts.warmup
     progress = min(1.0, (step - opts.warmup) / max(opts.steps - opts.warmup, 1))

@@ -159,7 +159,9 @@ def _links(node, cls):
 def _execution_order(outputs, prompt, classes):
     """Depth-first from the output nodes: (the nodes they need, dependencies first; cycle errors).
 
-    Iterative, with an explicit stack, so a chain of thousands of nodes needs no recursion."""
+    Iterative, with an explicit stack, so a chain of thousands of nodes needs no recursion. Written by
+    hand rather than with graphlib: each output's dependencies run before the next output's (so SaveImage
+    files are numbered in the outputs' order), and every cycle is named with the input that closes it."""
     order, state, errors = [], {}, []
     for output in outputs:
         if output in state:

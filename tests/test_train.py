@@ -17,7 +17,7 @@ from ldm_nodes.core.objective import q_sample
 from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.text import CLIPTextConfig
 from ldm_nodes.core.transformer import TransformerConfig, TransformerModel
-from ldm_nodes.core.unet import UNetConfig
+from ldm_nodes.core.unet import UNetConfig, UNetModel
 
 VAE = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 UNET = UNetConfig(4, 4, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16)
@@ -40,7 +40,7 @@ def recipe(out, **kw):
 
 
 def fresh():
-    return train.UNetModel(UNET), train.CLIPTextModel(TEXT)
+    return UNetModel(UNET), train.CLIPTextModel(TEXT)
 
 
 def options(tmp_path, steps, **kw):
@@ -78,7 +78,7 @@ def test_denoiser_loss_falls_and_caption_dropout_uses_the_empty_prompt(tmp_path,
     images, captions = data
     vae, _ = train.train_autoencoder(options(tmp_path / "vae", 10), VAE, dataset(images))
     torch.manual_seed(0)
-    fresh_unet, fresh_text = train.UNetModel(UNET), train.CLIPTextModel(TEXT)
+    fresh_unet, fresh_text = UNetModel(UNET), train.CLIPTextModel(TEXT)
     unet, text, vae, _ = train.train_denoiser(options(tmp_path, 40), vae, copy.deepcopy(fresh_unet),
                                               copy.deepcopy(fresh_text), dataset(images, captions), SCHEDULE)
     before = denoiser_loss(fresh_unet, fresh_text, vae, images, captions)
@@ -176,7 +176,7 @@ def test_pixel_space_trains_on_images_in_minus_one_one(tmp_path, data):
     images, captions = data
     vae = IdentityAutoencoder()
     torch.manual_seed(0)
-    unet = train.UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
+    unet = UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
     fresh_unet, text = copy.deepcopy(unet), train.CLIPTextModel(TEXT)
     fresh_text = copy.deepcopy(text)
     unet, text, vae, _ = train.train_denoiser(options(tmp_path, 40), vae, unet, text, dataset(images, captions), SCHEDULE)
@@ -216,7 +216,7 @@ def test_a_model_on_a_builtin_base_holds_only_its_denoiser(tmp_path, data, monke
         meta = checkpoint.read_model_metadata(path)
         assert set(meta["parts_from"]) == shared and meta["training"]["base"] == "builtin/base.safetensors"
         ck = load_checkpoint(path)
-        assert isinstance(ck.denoiser, TransformerModel if denoiser == "transformer" else train.UNetModel)
+        assert isinstance(ck.denoiser, TransformerModel if denoiser == "transformer" else UNetModel)
         assert isinstance(ck.vae, IdentityAutoencoder) == pixel
         assert ck.schedule == (train.PIXEL_SCHEDULE if pixel else train.TINY_SCHEDULE)
         assert torch.equal(ck.text_encoder.text_model.embeddings.token_embedding.weight,
@@ -268,7 +268,7 @@ def test_held_out_bound_is_reported_at_every_save(tmp_path, data, capsys):
     number held_out_bound gives for the network as it was at that save."""
     images, captions = data
     torch.manual_seed(0)
-    unet = train.UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
+    unet = UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
     text = train.CLIPTextModel(TEXT)
     held = (images[:4], captions[:4])
     unet, text, vae, _ = train.train_denoiser(options(tmp_path, 10), IdentityAutoencoder(), unet, text,
@@ -283,7 +283,7 @@ def test_held_out_bound_is_reported_at_every_save(tmp_path, data, capsys):
 def test_resume_refuses_another_frozen_text_encoder(tmp_path, data):
     images, captions = data
     vae = IdentityAutoencoder()
-    unet = train.UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
+    unet = UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
     torch.manual_seed(0)
     text = train.CLIPTextModel(TEXT)
     train.train_denoiser(options(tmp_path, 5), vae, copy.deepcopy(unet), copy.deepcopy(text),
@@ -338,7 +338,7 @@ def test_train_command_takes_another_runs_model_file_as_init(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_gradients_and_keys():
     torch.manual_seed(0)
-    unet = train.UNetModel(UNET)
+    unet = UNetModel(UNET)
     checkpointed = copy.deepcopy(unet)
     train.checkpoint_blocks(checkpointed)
     assert checkpointed.state_dict().keys() == unet.state_dict().keys()

@@ -18,7 +18,7 @@ from ldm_nodes.core.datasets import materialise, scan_folder, split_held_out, sq
 from ldm_nodes.core.families import FAMILIES
 from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.text import CLIPTextConfig
-from ldm_nodes.core.unet import UNetConfig
+from ldm_nodes.core.unet import UNetConfig, UNetModel
 from ldm_nodes.nodes import model_paths
 
 
@@ -93,7 +93,7 @@ def test_cached_latents_train_the_same_model_as_encoding_every_step(folder, tmp_
     cache holds both orientations and the same draws pick them."""
     dataset = scan_folder(folder, 32).dataset
     torch.manual_seed(0)
-    vae, unet, text = train.AutoencoderKL(VAE).eval(), train.UNetModel(UNET), train.CLIPTextModel(TEXT)
+    vae, unet, text = train.AutoencoderKL(VAE).eval(), UNetModel(UNET), train.CLIPTextModel(TEXT)
     results = []
     for cache in (False, True):
         opts = train.RunOptions(str(tmp_path / str(cache)), 3, batch_size=4, lr=1e-3, warmup=1, save_every=3,

@@ -3,7 +3,6 @@ with --train-text-encoder), the autoencoder stays frozen, and the result has SD1
 which LDMLoadModel and ComfyUI's CheckpointLoaderSimple read. A tiny model of the SD1.5 layout stands
 in for the real one."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +26,9 @@ TEXT = CLIPTextConfig(width=64, layers=12, heads=1, mlp_width=128)
 
 
 def sd15_keys():
-    root = Path(os.environ.get("LDM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-    for path in (Path(__file__).resolve().parent / "data" / "sd15_keys.txt", root / "sd15_keys.txt"):
-        if path.is_file():
-            return {line.split("\t")[0] for line in path.read_text().splitlines()}
-    pytest.skip("sd15_keys.txt not found (tests/data/ or LDM_SHARED_DIR)")
+    """The tensor names of a real SD1.5 file (the repository's copy of the list)."""
+    path = Path(__file__).resolve().parent / "data" / "sd15_keys.txt"
+    return {line.split("\t")[0] for line in path.read_text().splitlines()}
 
 
 def keys(path):

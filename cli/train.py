@@ -63,8 +63,9 @@ def add_parser(commands):
     parser.add_argument("--prediction", choices=["eps", "v"], default=None,
                        help="what the denoiser predicts (default: eps, or the --init model's own)")
     parser.add_argument("--seed", type=integer(0, 2**53), default=0, help="seed of the weights, batches and noise")
-    parser.add_argument("--denoiser", choices=["unet", "transformer"], default="unet",
-                       help="denoiser family: the SD-style UNet or a PixArt-style transformer")
+    parser.add_argument("--denoiser", default="unet",
+                        help="denoiser family, by its name in core/families.py: unet (SD-style) or transformer "
+                             "(PixArt-style); an unknown name is refused before any work")
     parser.add_argument("--pixel", action="store_true",
                        help="pixel-space diffusion (identity autoencoder, DDPM's linear 1e-4..0.02 schedule)")
     parser.add_argument("--base", metavar="MODEL",

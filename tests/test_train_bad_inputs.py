@@ -44,6 +44,19 @@ def test_numbers_out_of_range_are_refused_naming_the_flag(tmp_path, capsys, flag
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value", ["abc", "1e3"])
+def test_a_flag_that_is_not_a_number_is_one_line_naming_it(tmp_path, capsys, value):
+    line = refused(capsys, ["--out", str(tmp_path / "out"), "--steps", value], "--steps")
+    assert f"invalid integer value: '{value}'" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_denoiser_family_is_refused_before_any_work(tmp_path, capsys):
+    line = refused(capsys, ["--out", str(tmp_path / "out"), "--denoiser", "mamba", *FAST], "--denoiser")
+    assert "unet, transformer" in line  # the families core/families.py registers
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_billion_scenes_are_refused_with_the_memory_they_would_need(tmp_path, capsys):
     line = refused(capsys, ["--out", str(tmp_path / "out"), "--images", "1000000000"], "--images")
     assert "1,000,000,000 scenes need about 11,6" in line and "GiB" in line  # 12 kB each

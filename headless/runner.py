@@ -28,6 +28,7 @@ Host: importing the runner makes it the nodes' host (nodes/host.py): their devic
 `run(..., show_progress=False)` (the CLI's --quiet).
 """
 import copy
+import io
 import json
 from pathlib import Path
 
@@ -97,24 +98,45 @@ MAX_JSON_DEPTH = 64  # a workflow is about 5 levels deep: nodes, a node, its inp
 def read_json(path):
     """The JSON value in file `path`; WorkflowError naming the file (and the line and column).
 
-    Refused by name: a file over MAX_JSON_BYTES, an integer beyond Python's digit limit, and nesting
+    Refused by name: a file over MAX_JSON_BYTES (the read itself is capped: st_size is 0 for devices
+    and pipes such as /dev/zero and /dev/stdin), an integer beyond Python's digit limit, and nesting
     deeper than MAX_JSON_DEPTH (checked without recursion, so copying or walking it later is safe)."""
+    with _opened(path) as file:
+        return _json_value(_read_capped(file, path), path)
+
+
+def _opened(path):
     try:
-        if Path(path).stat().st_size > MAX_JSON_BYTES:
-            raise WorkflowError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MB; not a workflow")
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        return open(path, "rb")
     except OSError as error:
         raise WorkflowError(f"{path}: cannot read: {error.strerror or error}") from None
+
+
+def _read_capped(file, path, head=b""):
+    """`head` and the rest of `file`, at most MAX_JSON_BYTES in all, whatever the file's size says."""
+    try:
+        data = head + file.read(MAX_JSON_BYTES + 1 - len(head))
+    except OSError as error:
+        raise WorkflowError(f"{path}: cannot read: {error.strerror or error}") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise WorkflowError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MB; not a workflow")
+    return data
+
+
+def _json_value(data, where):
+    """The JSON value in `data` (bytes of UTF-8, or text) with read_json's limits; `where` names it in errors."""
+    try:
+        value = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
     except json.JSONDecodeError as error:
-        raise WorkflowError(f"{path}: not valid JSON: line {error.lineno} column {error.colno}: {error.msg}") from None
+        raise WorkflowError(f"{where}: not valid JSON: line {error.lineno} column {error.colno}: {error.msg}") from None
     except UnicodeDecodeError as error:
-        raise WorkflowError(f"{path}: not UTF-8 text: {error}") from None
+        raise WorkflowError(f"{where}: not UTF-8 text: {error}") from None
     except RecursionError:
-        raise WorkflowError(f"{path}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
+        raise WorkflowError(f"{where}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
     except ValueError as error:  # an integer of more digits than int() converts
-        raise WorkflowError(f"{path}: not usable JSON: {error}") from None
+        raise WorkflowError(f"{where}: not usable JSON: {error}") from None
     if _depth_over(value, MAX_JSON_DEPTH):
-        raise WorkflowError(f"{path}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+        raise WorkflowError(f"{where}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     return value
 
 
@@ -140,11 +162,13 @@ def read_workflow(path, registry=None):
     a UI-format one (converted with the nodes' own input declarations, ui_workflow.py), or a PNG written
     by ComfyUI or by `run` (its "prompt" text, else its "workflow"). WorkflowError naming the file."""
     registry = default_registry() if registry is None else registry
-    if _is_png(path):
-        prompt, workflow = _png_workflow(path)
-    else:
-        data = read_json(path)
-        prompt, workflow = (None, data) if is_ui_workflow(data) else (data, None)
+    with _opened(path) as file:  # opened once: a pipe cannot be read twice
+        head = _read_head(file, path)
+        if head == PNG_SIGNATURE:
+            prompt, workflow = _png_workflow(file, path, head)
+        else:
+            data = _json_value(_read_capped(file, path, head), path)
+            prompt, workflow = (None, data) if is_ui_workflow(data) else (data, None)
     if prompt is None:
         try:
             prompt = ui_to_api(workflow, registry)
@@ -155,28 +179,29 @@ def read_workflow(path, registry=None):
     return prompt, workflow
 
 
-def _is_png(path):
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _read_head(file, path):
     try:
-        with open(path, "rb") as file:
-            return file.read(8) == b"\x89PNG\r\n\x1a\n"
+        return file.read(len(PNG_SIGNATURE))
     except OSError as error:
-        raise WorkflowError(f"{path}: cannot read: {error.strerror or error}") from error
+        raise WorkflowError(f"{path}: cannot read: {error.strerror or error}") from None
 
 
-def _png_workflow(path):
-    """(prompt or None, workflow or None) embedded in a PNG's text chunks, as ComfyUI's SaveImage writes them."""
+def _png_workflow(file, path, head):
+    """(prompt or None, workflow or None) embedded in a PNG's text chunks, as ComfyUI's SaveImage writes them,
+    each with read_json's limits. Pillow reads only the chunks before the pixels; a stream that cannot seek
+    (a pipe) is read whole, with read_json's cap."""
     try:
-        with Image.open(path) as image:
+        source = file if file.seekable() else io.BytesIO(_read_capped(file, path, head))
+        source.seek(0)
+        with Image.open(source, formats=["PNG"]) as image:
             texts = dict(image.info)
-    except OSError as error:
-        raise WorkflowError(f"{path}: cannot read the PNG: {error}") from error
-    found = {}
-    for key in ("prompt", "workflow"):
-        if isinstance(texts.get(key), str):
-            try:
-                found[key] = json.loads(texts[key])
-            except json.JSONDecodeError as error:
-                raise WorkflowError(f"{path}: its embedded {key} is not valid JSON: {error.msg}") from error
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # ValueError: a text chunk over
+        raise WorkflowError(f"{path}: cannot read the PNG: {error}") from None  # Pillow's limits
+    found = {key: _json_value(texts[key], f"{path}: its embedded {key}")
+             for key in ("prompt", "workflow") if isinstance(texts.get(key), str)}
     if not found:
         raise WorkflowError(f"{path}: this PNG holds no workflow (no \"prompt\" or \"workflow\" text chunk; "
                             "ComfyUI and `run` embed both unless metadata is turned off)")

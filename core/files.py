@@ -1,4 +1,6 @@
 """Paths on disk: what stands in the way of a folder that is about to be written."""
+import os
+import tempfile
 
 
 def file_in_the_way(path):
@@ -7,4 +9,18 @@ def file_in_the_way(path):
     for existing in (path, *path.parents):
         if existing.exists():
             return None if existing.is_dir() else existing
+    return None
+
+
+def unwritable_folder(path):
+    """(the nearest existing folder of `path` and its parents, why nothing can be created in it) when
+    it refuses a new entry (/proc, /sys, a read-only file system, no permission); None otherwise.
+    Tried for real, with an empty folder made and removed at once (os.access says yes to root)."""
+    existing = next((p for p in (path, *path.parents) if p.is_dir()), None)
+    if existing is None:
+        return None
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as error:
+        return existing, error.strerror or str(error)
     return None

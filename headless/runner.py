@@ -37,7 +37,7 @@ from PIL import Image
 
 from ..core.devices import usable_device
 from ..core.errors import InputError
-from ..core.files import file_in_the_way
+from ..core.files import file_in_the_way, unwritable_folder
 from ..core.progress import TextProgress
 from ..nodes import NODE_CLASS_MAPPINGS, host
 from .session import Session, using
@@ -285,12 +285,16 @@ def run(prompt, registry=None, *, out_dir="output", input_dir="input", workflow=
 
 
 def _check_out_dir(out_dir):
-    """The output folder, or the nearest of its parents that exists, must be a folder (before any node runs)."""
+    """The output folder, or the nearest of its parents that exists, must be a folder that takes new
+    files (before any node runs)."""
     folder = Path(out_dir)
     blocking = file_in_the_way(folder)
     if blocking is not None:
         where = "is a file" if blocking == folder else f"is under {blocking}, which is a file"
         raise ValidationError([f"--out {out_dir}: {where}, not a folder"])
+    refused = unwritable_folder(folder)
+    if refused is not None:
+        raise ValidationError([f"--out {out_dir}: cannot write in {refused[0]} ({refused[1]})"])
 
 
 def _extra_pnginfo(workflow):

@@ -209,12 +209,14 @@ def _png_workflow(file, path, head):
 
 
 def apply_overrides(prompt, assignments, registry=None):
-    """A copy of `prompt` with each "NODE_ID.INPUT=VALUE" applied.
+    """A copy of `prompt` with each "NODE_ID.INPUT=VALUE" applied (`prompt` itself when there are none).
 
     VALUE is JSON when it parses (numbers, true/false, lists: a list is a link), else plain text;
     STRING and COMBO inputs take the text as written (`5.text=42` is "42") unless it is a list
     or a COMBO's own non-text option.
     """
+    if not assignments:
+        return prompt
     registry = default_registry() if registry is None else registry
     prompt = copy.deepcopy(prompt)
     errors = []

@@ -1,6 +1,7 @@
-"""Paths on disk: what stands in the way of a folder that is about to be written."""
+"""Paths on disk: what stands in the way of a folder that is about to be written, and files written whole."""
 import os
 import tempfile
+from contextlib import contextmanager, suppress
 
 
 def file_in_the_way(path):
@@ -24,3 +25,18 @@ def unwritable_folder(path):
     except OSError as error:
         return existing, error.strerror or str(error)
     return None
+
+
+@contextmanager
+def written_whole(path, suffix=".tmp"):
+    """The name to write `path` under (path + suffix), moved into place when the block ends without an
+    error and removed when it raises (a full disk): a failed or interrupted write never leaves a
+    truncated file under `path`'s name, nor its half-written temporary."""
+    tmp = f"{path}{suffix}"
+    try:
+        yield tmp
+    except BaseException:
+        with suppress(OSError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)

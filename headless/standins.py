@@ -19,7 +19,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..core.errors import InputError
-from ..core.files import file_in_the_way
+from ..core.files import file_in_the_way, written_whole
 from ..core.images import read_image
 from ..core.inpaint import composite
 from .session import session
@@ -86,9 +86,19 @@ def _save_pngs(images, root, filename_prefix, kind, compress_level, prompt, extr
     for index, image in enumerate(images):
         pixels = np.clip(255.0 * image.detach().cpu().float().numpy(), 0, 255).astype(np.uint8)
         file = f"{name}_{counter + index:05}_.png"
-        Image.fromarray(pixels).save(folder / file, pnginfo=info, compress_level=compress_level)
+        _write_png(Image.fromarray(pixels), folder / file, info, compress_level)
         results.append({"filename": file, "subfolder": subfolder, "type": kind})
     return {"ui": {"images": results}}
+
+
+def _write_png(image, path, info, compress_level):
+    """Write under a temporary name, then rename: a full disk leaves no truncated PNG behind."""
+    try:
+        with written_whole(path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {path} ({error.strerror or error}); no partial file was "
+                                   "left") from error
 
 
 class SaveImage:

@@ -17,8 +17,9 @@ Public API
       ValidationError (.errors: one line each) and NodeError (.node_id, .class_type; the node's exception chained)
 
 The graph's rules (ComfyUI's: which nodes run, links, types, widget limits, VALIDATE_INPUTS) are in
-validation.py; the UI format's conversion in ui_workflow.py. Not supported: lazy inputs (all are evaluated), INPUT_IS_LIST / OUTPUT_IS_LIST,
-async node functions, %date% in filename_prefix.
+validation.py; the UI format's conversion in ui_workflow.py; the variables of SaveImage's filename_prefix
+(%NODE.WIDGET%, %date:...%, %width%, %year%, ...) in save_names.py. Not supported: lazy inputs (all are
+evaluated), INPUT_IS_LIST / OUTPUT_IS_LIST, async node functions.
 
 The stand-ins for ComfyUI's core nodes (SaveImage, PreviewImage, LoadImage) are in standins.py.
 
@@ -40,6 +41,7 @@ from ..core.errors import InputError
 from ..core.files import file_in_the_way, unwritable_folder
 from ..core.progress import TextProgress
 from ..nodes import NODE_CLASS_MAPPINGS, host
+from .save_names import fill_prompt
 from .session import Session, using
 from .standins import STAND_INS
 from .ui_workflow import is_ui_workflow, ui_to_api
@@ -265,6 +267,7 @@ def validate(prompt, registry=None, *, out_dir="output", input_dir="input"):
     """The ids of the nodes to execute, in order; ValidationError listing every problem otherwise."""
     registry = default_registry() if registry is None else registry
     _check_out_dir(out_dir)
+    prompt = fill_prompt(prompt)
     with using(Session(Path(out_dir), Path(input_dir), prompt)):
         return validate_graph(prompt, registry)
 
@@ -278,6 +281,7 @@ def run(prompt, registry=None, *, out_dir="output", input_dir="input", workflow=
     """
     registry = default_registry() if registry is None else registry
     _check_out_dir(out_dir)
+    prompt = fill_prompt(prompt)  # what ComfyUI's frontend fills in before it queues a prompt
     with using(Session(Path(out_dir), Path(input_dir), prompt, _extra_pnginfo(workflow))) as current:
         order = validate_graph(prompt, registry)
         results, ui = {}, {}

@@ -66,6 +66,10 @@ class _NodeProgress(host.Progress):
     def update(self, done, preview=None):
         progress(done, self.total)
 
+    def note(self, text):
+        if _bar is not None:
+            _bar.update(0, self.total, text)
+
 
 _host = _Host()
 host.configure(_host)

@@ -47,6 +47,9 @@ class Progress:
     def update(self, done, preview=None):
         pass
 
+    def note(self, text):
+        """What the node is doing and how long it expects, before its first step (here: not shown)."""
+
 
 _host = Host()
 

@@ -122,16 +122,16 @@ def empty_latent(vae, width, height, batch_size):
     return torch.zeros(1, vae.config.embed_dim, height // f, width // f).expand(batch_size, -1, -1, -1)
 
 
-def encode_image(vae, image, tile_above=TILE_ABOVE):
+def encode_image(vae, image, tile_above=TILE_ABOVE, progress=None):
     """IMAGE [B, H, W, 3] in 0..1 -> the posterior mean latent [B, C, H / f, W / f] (deterministic);
-    tiled when a side exceeds `tile_above` latent pixels."""
+    tiled when a side exceeds `tile_above` latent pixels, with progress(done, total) over the tiles."""
     if image.ndim != 4 or image.shape[-1] != 3:
         raise ValueError(f"image: expected [batch, height, width, 3], got {list(image.shape)}")
     device, dtype = placement(vae)
     x = image.movedim(-1, 1).to(device, dtype) * 2 - 1
     with torch.inference_mode():
         tiled = max(x.shape[-2:]) > tile_above * vae.config.f
-        return (vae.encode_tiled(x) if tiled else vae.encode(x)).mode().float().cpu()
+        return (vae.encode_tiled(x, progress=progress) if tiled else vae.encode(x)).mode().float().cpu()
 
 
 def encode_masked_image(vae, image, mask, grow_mask_by):
@@ -141,13 +141,14 @@ def encode_masked_image(vae, image, mask, grow_mask_by):
     return encode_image(vae, image), noise_mask, encode_image(vae, masked_pixels(image, mask))
 
 
-def decode_latent(vae, latent, tile_above=TILE_ABOVE):
-    """Unscaled latent -> IMAGE [B, H, W, 3] in 0..1; tiled when a side exceeds `tile_above` latent pixels."""
+def decode_latent(vae, latent, tile_above=TILE_ABOVE, progress=None):
+    """Unscaled latent -> IMAGE [B, H, W, 3] in 0..1; tiled when a side exceeds `tile_above` latent pixels,
+    with progress(done, total) over the tiles."""
     device, dtype = placement(vae)
     gpu_layout(vae)
     z = latent.to(device, dtype)
     with torch.inference_mode():
-        x = vae.decode_tiled(z) if max(z.shape[-2:]) > tile_above else vae.decode(z)
+        x = vae.decode_tiled(z, progress=progress) if max(z.shape[-2:]) > tile_above else vae.decode(z)
     if not torch.isfinite(x).all():
         raise FloatingPointError("decoding gave NaN or inf: decode in fp32 (precision fp32 or auto)")
     return ((x.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()

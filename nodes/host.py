@@ -85,6 +85,18 @@ def progress(total):
     return _host.progress(total)
 
 
+def tile_progress():
+    """A progress(done, total) function for work whose total is known only when it starts (the
+    autoencoder's tiles): the host's progress report, made at the first call."""
+    made = []
+
+    def report(done, total):
+        if not made:
+            made.append(progress(total))
+        made[0].update(done)
+    return report
+
+
 def sampler(function):
     """The host's SAMPLER for a k-diffusion sampling function (inside ComfyUI: a comfy.samplers.KSAMPLER)."""
     return _host.sampler(function)

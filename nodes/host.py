@@ -48,7 +48,8 @@ class Progress:
         pass
 
     def note(self, text):
-        """What the node is doing and how long it expects, before its first step (here: not shown)."""
+        """What the node is doing and how long it expects, before its first step (here: not shown;
+        headless: on the progress line; ComfyUI: its console)."""
 
 
 _host = Host()

@@ -12,7 +12,8 @@ def add_parser(commands):
                                           "give bits/dim of the 8-bit image; latent models nats/dim of its latent.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="RGB image files at the model's training size")
     parser.add_argument("--model", default="builtin/tiny-shapes-pixel.safetensors",
-                     help="model name (default: the built-in pixel-space model)")
+                     help="model: a builtin/ name, a name in --models-dir or a .safetensors file's path "
+                          "(default: the built-in pixel-space model)")
     parser.add_argument("--prompt", help="caption to condition on (default: the empty prompt)")
     parser.add_argument("--models-dir", action="append", default=[], help="model folder (repeatable)")
     parser.add_argument("--steps", type=int, default=0,
@@ -38,7 +39,7 @@ def run(args):
     from ..core.pipeline import DiffusionModel, likelihood
     from ..core.progress import TextProgress
     from ..core.text import CLIPTokenizer, encode_prompt
-    from ..nodes.model_paths import resolve_model, set_model_dirs
+    from ..nodes.model_paths import model_file, set_model_dirs
     from ..headless.runner import usable_device
 
     try:  # every check that needs no weights first: flags, the model's header, the images' headers
@@ -49,10 +50,15 @@ def run(args):
             raise ValueError(f"--seed: must be in [0, 2^64 - 1], got {args.seed}")
         device = usable_device(args.device)
         for image in args.images:  # a mistyped name fails before any model is looked up
+            if Path(image).is_dir():
+                raise InputError(image, "is a folder; give the image files in it")
             if not Path(image).is_file():
                 raise InputError(image, "no such file")
         set_model_dirs(args.models_dir)
-        path = resolve_model(args.model)
+        try:  # a builtin/ name, a name in --models-dir, or a .safetensors file's path, as `run` takes
+            path = model_file(args.model)
+        except ValueError as error:  # named by the flag, not by the node input ckpt_name
+            raise InputError("--model", str(error).removeprefix("ckpt_name: ")) from None
         header = read_header(path)
         T = header.schedule.num_timesteps
         if not (args.steps == 0 or 2 <= args.steps <= T - 1):

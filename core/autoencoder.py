@@ -321,11 +321,12 @@ class AutoencoderKL(nn.Module):
         """Unscaled latent [B, embed_dim, h, w] -> image [B, 3, f*h, f*w], roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
-    def encode_tiled(self, x, tile=TILE, overlap=TILE_OVERLAP):
+    def encode_tiled(self, x, tile=TILE, overlap=TILE_OVERLAP, progress=None):
         """encode() in overlapping tiles of at most tile x tile latent pixels (f times as many image
         pixels), to bound memory on large images; the posterior's moments are cross-faded across each
         overlap with the weights decode_tiled uses (f = 1: they blend latent pixels). One tile is
-        exactly encode(); otherwise close, for the reasons decode_tiled gives."""
+        exactly encode(); otherwise close, for the reasons decode_tiled gives. progress(done, total)
+        is called with 0 before the first tile and after each one."""
         if not 0 < overlap < tile:
             raise ValueError(f"encode_tiled needs 0 < overlap < tile, got overlap {overlap} and tile {tile}")
         f = self.config.f
@@ -333,32 +334,43 @@ class AutoencoderKL(nn.Module):
             return self.encode(x)  # its own error names the size
         b, _, height, width = x.shape
         moments = x.new_zeros(b, 2 * self.config.embed_dim, height // f, width // f)
-        for y0, wy in blend_weights(height // f, tile, overlap, 1):
-            for x0, wx in blend_weights(width // f, tile, overlap, 1):
-                part = self.quant_conv(self.encoder(x[:, :, f * y0:f * (y0 + len(wy)), f * x0:f * (x0 + len(wx))]))
-                moments[:, :, y0:y0 + len(wy), x0:x0 + len(wx)] += part * (wy[:, None] * wx[None, :]).to(part.dtype)
+        for y0, wy, x0, wx in _tiles(height // f, width // f, tile, overlap, 1, progress):
+            part = self.quant_conv(self.encoder(x[:, :, f * y0:f * (y0 + len(wy)), f * x0:f * (x0 + len(wx))]))
+            moments[:, :, y0:y0 + len(wy), x0:x0 + len(wx)] += part * (wy[:, None] * wx[None, :]).to(part.dtype)
         return DiagonalGaussian(moments)
 
-    def decode_tiled(self, z, tile=TILE, overlap=TILE_OVERLAP):
+    def decode_tiled(self, z, tile=TILE, overlap=TILE_OVERLAP, progress=None):
         """decode() in overlapping latent tiles of at most tile x tile, to bound memory on large images.
 
         Neighbouring tiles overlap by at least `overlap` latent pixels, and a linear cross-fade of
         overlap * f image pixels across the middle of each overlap hides the seams. A latent that fits
         in one tile is decoded exactly as decode() does. Otherwise the result is close but not equal: pixels
         near a tile's border see zero padding, and GroupNorm statistics and the mid block's attention see
-        one tile instead of the whole latent.
+        one tile instead of the whole latent. progress(done, total) as for encode_tiled.
         """
         if not 0 < overlap < tile:
             raise ValueError(f"decode_tiled needs 0 < overlap < tile, got overlap {overlap} and tile {tile}")
         f = self.config.f
         b, _, h, w = z.shape
         out = z.new_zeros(b, self.config.out_channels, f * h, f * w)
-        for y0, wy in blend_weights(h, tile, overlap, f):
-            for x0, wx in blend_weights(w, tile, overlap, f):
-                x = self.decode(z[:, :, y0:y0 + len(wy) // f, x0:x0 + len(wx) // f])
-                weight = (wy[:, None] * wx[None, :]).to(x.device, x.dtype)
-                out[:, :, f * y0:f * y0 + len(wy), f * x0:f * x0 + len(wx)] += x * weight
+        for y0, wy, x0, wx in _tiles(h, w, tile, overlap, f, progress):
+            x = self.decode(z[:, :, y0:y0 + len(wy) // f, x0:x0 + len(wx) // f])
+            weight = (wy[:, None] * wx[None, :]).to(x.device, x.dtype)
+            out[:, :, f * y0:f * y0 + len(wy), f * x0:f * x0 + len(wx)] += x * weight
         return out
+
+
+def _tiles(h, w, tile, overlap, f, progress=None):
+    """(y0, weights along y, x0, weights along x) of each tile, row by row (blend_weights), with
+    progress(done, total) called before the first and after each one."""
+    rows, columns = blend_weights(h, tile, overlap, f), blend_weights(w, tile, overlap, f)
+    total = len(rows) * len(columns)
+    for done, ((y0, wy), (x0, wx)) in enumerate((r, c) for r in rows for c in columns):
+        if progress is not None:
+            progress(done, total)
+        yield y0, wy, x0, wx
+    if progress is not None:
+        progress(total, total)
 
 
 def blend_weights(size, tile, overlap, f):
@@ -410,8 +422,8 @@ class IdentityAutoencoder(nn.Module):
     def decode(self, z):
         return z
 
-    def encode_tiled(self, x, tile=TILE, overlap=TILE_OVERLAP):
+    def encode_tiled(self, x, tile=TILE, overlap=TILE_OVERLAP, progress=None):
         return self.encode(x)
 
-    def decode_tiled(self, z, tile=TILE, overlap=TILE_OVERLAP):
+    def decode_tiled(self, z, tile=TILE, overlap=TILE_OVERLAP, progress=None):
         return z

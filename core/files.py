@@ -1,4 +1,7 @@
-"""Paths on disk: what stands in the way of a folder that is about to be written."""
+"""Paths on disk: what stands in the way of a folder that is about to be written, and files written whole."""
+import os
+import tempfile
+from contextlib import contextmanager, suppress
 
 
 def file_in_the_way(path):
@@ -8,3 +11,32 @@ def file_in_the_way(path):
         if existing.exists():
             return None if existing.is_dir() else existing
     return None
+
+
+def unwritable_folder(path):
+    """(the nearest existing folder of `path` and its parents, why nothing can be created in it) when
+    it refuses a new entry (/proc, /sys, a read-only file system, no permission); None otherwise.
+    Tried for real, with an empty folder made and removed at once (os.access says yes to root)."""
+    existing = next((p for p in (path, *path.parents) if p.is_dir()), None)
+    if existing is None:
+        return None
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as error:
+        return existing, error.strerror or str(error)
+    return None
+
+
+@contextmanager
+def written_whole(path, suffix=".tmp"):
+    """The name to write `path` under (path + suffix), moved into place when the block ends without an
+    error and removed when it raises (a full disk): a failed or interrupted write never leaves a
+    truncated file under `path`'s name, nor its half-written temporary."""
+    tmp = f"{path}{suffix}"
+    try:
+        yield tmp
+    except BaseException:
+        with suppress(OSError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)

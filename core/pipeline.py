@@ -15,6 +15,7 @@ from .accel import fast_network, gpu_layout
 from .autoencoder import TILE_ABOVE, IdentityAutoencoder, placement
 from .denoiser import Denoiser
 from .errors import InputError
+from .eta import call_seconds
 from .inpaint import (ConcatInputs, MaskedDenoiser, concat_inputs, grow_mask, keep_outside, latent_mask, masked_pixels,
                       repeat_to_batch)
 from .likelihood import variational_bound
@@ -121,16 +122,16 @@ def empty_latent(vae, width, height, batch_size):
     return torch.zeros(1, vae.config.embed_dim, height // f, width // f).expand(batch_size, -1, -1, -1)
 
 
-def encode_image(vae, image, tile_above=TILE_ABOVE):
+def encode_image(vae, image, tile_above=TILE_ABOVE, progress=None):
     """IMAGE [B, H, W, 3] in 0..1 -> the posterior mean latent [B, C, H / f, W / f] (deterministic);
-    tiled when a side exceeds `tile_above` latent pixels."""
+    tiled when a side exceeds `tile_above` latent pixels, with progress(done, total) over the tiles."""
     if image.ndim != 4 or image.shape[-1] != 3:
         raise ValueError(f"image: expected [batch, height, width, 3], got {list(image.shape)}")
     device, dtype = placement(vae)
     x = image.movedim(-1, 1).to(device, dtype) * 2 - 1
     with torch.inference_mode():
         tiled = max(x.shape[-2:]) > tile_above * vae.config.f
-        return (vae.encode_tiled(x) if tiled else vae.encode(x)).mode().float().cpu()
+        return (vae.encode_tiled(x, progress=progress) if tiled else vae.encode(x)).mode().float().cpu()
 
 
 def encode_masked_image(vae, image, mask, grow_mask_by):
@@ -140,13 +141,14 @@ def encode_masked_image(vae, image, mask, grow_mask_by):
     return encode_image(vae, image), noise_mask, encode_image(vae, masked_pixels(image, mask))
 
 
-def decode_latent(vae, latent, tile_above=TILE_ABOVE):
-    """Unscaled latent -> IMAGE [B, H, W, 3] in 0..1; tiled when a side exceeds `tile_above` latent pixels."""
+def decode_latent(vae, latent, tile_above=TILE_ABOVE, progress=None):
+    """Unscaled latent -> IMAGE [B, H, W, 3] in 0..1; tiled when a side exceeds `tile_above` latent pixels,
+    with progress(done, total) over the tiles."""
     device, dtype = placement(vae)
     gpu_layout(vae)
     z = latent.to(device, dtype)
     with torch.inference_mode():
-        x = vae.decode_tiled(z) if max(z.shape[-2:]) > tile_above else vae.decode(z)
+        x = vae.decode_tiled(z, progress=progress) if max(z.shape[-2:]) > tile_above else vae.decode(z)
     if not torch.isfinite(x).all():
         raise FloatingPointError("decoding gave NaN or inf: decode in fp32 (precision fp32 or auto)")
     return ((x.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
@@ -191,7 +193,7 @@ def run_sigmas(model, spec, denoise, sigmas=None):
 
 
 def sample(model, latent, positive, negative, *, seed, sigmas, sampler_name, cfg, eta=-1.0, guidance_rescale=0.0,
-           ddpm_variance="beta_tilde", noise_mask=None, masked_latent=None, callback=None):
+           ddpm_variance="beta_tilde", noise_mask=None, masked_latent=None, callback=None, on_estimate=None):
     """Denoise an unscaled latent [B, C, h, w] along `sigmas`; returns the unscaled result on the CPU.
 
     Everything after `negative` is passed by name, so two adjacent numbers cannot be swapped.
@@ -202,6 +204,8 @@ def sample(model, latent, positive, negative, *, seed, sigmas, sampler_name, cfg
     noise_mask (a MASK in image pixels, 1 = repaint; LATENT["noise_mask"]): inpainting with ComfyUI's
     rule (core/inpaint.py); the kept region is noised with the same initial noise, so no draw is added.
     masked_latent: the unscaled latent of the masked image, for an inpainting model's extra inputs.
+    on_estimate(seconds): called before the first step, for a latent larger than eta.ESTIMATE_ABOVE positions,
+    with the estimated seconds of one network call (core/eta.py), so a long run can say so at once.
     """
     for name, value in (("cfg", cfg), ("eta", eta), ("guidance_rescale", guidance_rescale)):
         if not math.isfinite(value):  # NaN passes every min/max check, and would be taken as eta's default
@@ -226,12 +230,24 @@ def sample(model, latent, positive, negative, *, seed, sigmas, sampler_name, cfg
     if mask is not None:
         denoiser = MaskedDenoiser(denoiser, z.to(x), noise.to(x), mask.to(x))
     with torch.inference_mode():
+        if on_estimate is not None:
+            _estimate_call(model, cond, uncond, cfg, guidance_rescale, sigma_0, x.shape, on_estimate)
         try:
             x = get_sampler(sampler_name)(denoiser, x, sigmas, generator=generator, callback=callback, **options)
         except NonFiniteError as error:
             raise NonFiniteError(f"{error}. Likely cause: {_likely_cause(latent, param.dtype, cfg)}") from None
     out = (x.float() / model.scale_factor).cpu()
     return out if mask is None else keep_outside(out, latent.float(), mask)
+
+
+def _estimate_call(model, cond, uncond, cfg, guidance_rescale, sigma, shape, on_estimate):
+    """on_estimate(seconds of one guided network call on a latent of `shape`), from small trial calls of
+    the same network, guidance and contexts (an inpainting model's extra channels as zeros)."""
+    trial = Denoiser(fast_network(model.network), model.schedule, model.prediction, cond, uncond, cfg, guidance_rescale)
+    param = next(model.network.parameters())
+    seconds = call_seconds(lambda x: trial(x, sigma), shape[0], model.in_channels, shape[2], shape[3], param.device)
+    if seconds is not None:
+        on_estimate(seconds)
 
 
 def inpainting_network(model, mask, z, masked_latent):

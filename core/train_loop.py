@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import InputError
+from .files import written_whole
 from .progress import TextProgress
 
 
@@ -101,15 +101,6 @@ def save_state(path, modules, optimizer, ema, step, generator, info, history):
     tensors["rng"] = generator.get_state()
     with written_whole(path) as tmp:
         save_file(tensors, tmp, metadata={"step": str(step), "info": json.dumps(info), "history": json.dumps(history)})
-
-
-@contextmanager
-def written_whole(path, suffix=".tmp"):
-    """The name to write `path` under (path + suffix), moved into place when the block ends without an
-    error: a crash mid-write never leaves a broken file behind."""
-    tmp = f"{path}{suffix}"
-    yield tmp
-    os.replace(tmp, path)
 
 
 def state_metadata(path):

@@ -17,8 +17,9 @@ Public API
       ValidationError (.errors: one line each) and NodeError (.node_id, .class_type; the node's exception chained)
 
 The graph's rules (ComfyUI's: which nodes run, links, types, widget limits, VALIDATE_INPUTS) are in
-validation.py; the UI format's conversion in ui_workflow.py. Not supported: lazy inputs (all are evaluated), INPUT_IS_LIST / OUTPUT_IS_LIST,
-async node functions, %date% in filename_prefix.
+validation.py; the UI format's conversion in ui_workflow.py; the variables of SaveImage's filename_prefix
+(%NODE.WIDGET%, %date:...%, %width%, %year%, ...) in save_names.py. Not supported: lazy inputs (all are
+evaluated), INPUT_IS_LIST / OUTPUT_IS_LIST, async node functions.
 
 The stand-ins for ComfyUI's core nodes (SaveImage, PreviewImage, LoadImage) are in standins.py.
 
@@ -28,6 +29,7 @@ Host: importing the runner makes it the nodes' host (nodes/host.py): their devic
 `run(..., show_progress=False)` (the CLI's --quiet).
 """
 import copy
+import io
 import json
 from pathlib import Path
 
@@ -36,9 +38,10 @@ from PIL import Image
 
 from ..core.devices import usable_device
 from ..core.errors import InputError
-from ..core.files import file_in_the_way
+from ..core.files import file_in_the_way, unwritable_folder
 from ..core.progress import TextProgress
 from ..nodes import NODE_CLASS_MAPPINGS, host
+from .save_names import fill_prompt
 from .session import Session, using
 from .standins import STAND_INS
 from .ui_workflow import is_ui_workflow, ui_to_api
@@ -62,6 +65,10 @@ class _Host(host.Host):
 class _NodeProgress(host.Progress):
     def update(self, done, preview=None):
         progress(done, self.total)
+
+    def note(self, text):
+        if _bar is not None:
+            _bar.update(0, self.total, text)
 
 
 _host = _Host()
@@ -97,24 +104,45 @@ MAX_JSON_DEPTH = 64  # a workflow is about 5 levels deep: nodes, a node, its inp
 def read_json(path):
     """The JSON value in file `path`; WorkflowError naming the file (and the line and column).
 
-    Refused by name: a file over MAX_JSON_BYTES, an integer beyond Python's digit limit, and nesting
+    Refused by name: a file over MAX_JSON_BYTES (the read itself is capped: st_size is 0 for devices
+    and pipes such as /dev/zero and /dev/stdin), an integer beyond Python's digit limit, and nesting
     deeper than MAX_JSON_DEPTH (checked without recursion, so copying or walking it later is safe)."""
+    with _opened(path) as file:
+        return _json_value(_read_capped(file, path), path)
+
+
+def _opened(path):
     try:
-        if Path(path).stat().st_size > MAX_JSON_BYTES:
-            raise WorkflowError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MB; not a workflow")
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        return open(path, "rb")
     except OSError as error:
         raise WorkflowError(f"{path}: cannot read: {error.strerror or error}") from None
+
+
+def _read_capped(file, path, head=b""):
+    """`head` and the rest of `file`, at most MAX_JSON_BYTES in all, whatever the file's size says."""
+    try:
+        data = head + file.read(MAX_JSON_BYTES + 1 - len(head))
+    except OSError as error:
+        raise WorkflowError(f"{path}: cannot read: {error.strerror or error}") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise WorkflowError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MB; not a workflow")
+    return data
+
+
+def _json_value(data, where):
+    """The JSON value in `data` (bytes of UTF-8, or text) with read_json's limits; `where` names it in errors."""
+    try:
+        value = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
     except json.JSONDecodeError as error:
-        raise WorkflowError(f"{path}: not valid JSON: line {error.lineno} column {error.colno}: {error.msg}") from None
+        raise WorkflowError(f"{where}: not valid JSON: line {error.lineno} column {error.colno}: {error.msg}") from None
     except UnicodeDecodeError as error:
-        raise WorkflowError(f"{path}: not UTF-8 text: {error}") from None
+        raise WorkflowError(f"{where}: not UTF-8 text: {error}") from None
     except RecursionError:
-        raise WorkflowError(f"{path}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
+        raise WorkflowError(f"{where}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
     except ValueError as error:  # an integer of more digits than int() converts
-        raise WorkflowError(f"{path}: not usable JSON: {error}") from None
+        raise WorkflowError(f"{where}: not usable JSON: {error}") from None
     if _depth_over(value, MAX_JSON_DEPTH):
-        raise WorkflowError(f"{path}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+        raise WorkflowError(f"{where}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     return value
 
 
@@ -140,11 +168,13 @@ def read_workflow(path, registry=None):
     a UI-format one (converted with the nodes' own input declarations, ui_workflow.py), or a PNG written
     by ComfyUI or by `run` (its "prompt" text, else its "workflow"). WorkflowError naming the file."""
     registry = default_registry() if registry is None else registry
-    if _is_png(path):
-        prompt, workflow = _png_workflow(path)
-    else:
-        data = read_json(path)
-        prompt, workflow = (None, data) if is_ui_workflow(data) else (data, None)
+    with _opened(path) as file:  # opened once: a pipe cannot be read twice
+        head = _read_head(file, path)
+        if head == PNG_SIGNATURE:
+            prompt, workflow = _png_workflow(file, path, head)
+        else:
+            data = _json_value(_read_capped(file, path, head), path)
+            prompt, workflow = (None, data) if is_ui_workflow(data) else (data, None)
     if prompt is None:
         try:
             prompt = ui_to_api(workflow, registry)
@@ -155,28 +185,29 @@ def read_workflow(path, registry=None):
     return prompt, workflow
 
 
-def _is_png(path):
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _read_head(file, path):
     try:
-        with open(path, "rb") as file:
-            return file.read(8) == b"\x89PNG\r\n\x1a\n"
+        return file.read(len(PNG_SIGNATURE))
     except OSError as error:
-        raise WorkflowError(f"{path}: cannot read: {error.strerror or error}") from error
+        raise WorkflowError(f"{path}: cannot read: {error.strerror or error}") from None
 
 
-def _png_workflow(path):
-    """(prompt or None, workflow or None) embedded in a PNG's text chunks, as ComfyUI's SaveImage writes them."""
+def _png_workflow(file, path, head):
+    """(prompt or None, workflow or None) embedded in a PNG's text chunks, as ComfyUI's SaveImage writes them,
+    each with read_json's limits. Pillow reads only the chunks before the pixels; a stream that cannot seek
+    (a pipe) is read whole, with read_json's cap."""
     try:
-        with Image.open(path) as image:
+        source = file if file.seekable() else io.BytesIO(_read_capped(file, path, head))
+        source.seek(0)
+        with Image.open(source, formats=["PNG"]) as image:
             texts = dict(image.info)
-    except OSError as error:
-        raise WorkflowError(f"{path}: cannot read the PNG: {error}") from error
-    found = {}
-    for key in ("prompt", "workflow"):
-        if isinstance(texts.get(key), str):
-            try:
-                found[key] = json.loads(texts[key])
-            except json.JSONDecodeError as error:
-                raise WorkflowError(f"{path}: its embedded {key} is not valid JSON: {error.msg}") from error
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # ValueError: a text chunk over
+        raise WorkflowError(f"{path}: cannot read the PNG: {error}") from None  # Pillow's limits
+    found = {key: _json_value(texts[key], f"{path}: its embedded {key}")
+             for key in ("prompt", "workflow") if isinstance(texts.get(key), str)}
     if not found:
         raise WorkflowError(f"{path}: this PNG holds no workflow (no \"prompt\" or \"workflow\" text chunk; "
                             "ComfyUI and `run` embed both unless metadata is turned off)")
@@ -184,12 +215,14 @@ def _png_workflow(path):
 
 
 def apply_overrides(prompt, assignments, registry=None):
-    """A copy of `prompt` with each "NODE_ID.INPUT=VALUE" applied.
+    """A copy of `prompt` with each "NODE_ID.INPUT=VALUE" applied (`prompt` itself when there are none).
 
     VALUE is JSON when it parses (numbers, true/false, lists: a list is a link), else plain text;
     STRING and COMBO inputs take the text as written (`5.text=42` is "42") unless it is a list
     or a COMBO's own non-text option.
     """
+    if not assignments:
+        return prompt
     registry = default_registry() if registry is None else registry
     prompt = copy.deepcopy(prompt)
     errors = []
@@ -238,6 +271,7 @@ def validate(prompt, registry=None, *, out_dir="output", input_dir="input"):
     """The ids of the nodes to execute, in order; ValidationError listing every problem otherwise."""
     registry = default_registry() if registry is None else registry
     _check_out_dir(out_dir)
+    prompt = fill_prompt(prompt)
     with using(Session(Path(out_dir), Path(input_dir), prompt)):
         return validate_graph(prompt, registry)
 
@@ -251,6 +285,7 @@ def run(prompt, registry=None, *, out_dir="output", input_dir="input", workflow=
     """
     registry = default_registry() if registry is None else registry
     _check_out_dir(out_dir)
+    prompt = fill_prompt(prompt)  # what ComfyUI's frontend fills in before it queues a prompt
     with using(Session(Path(out_dir), Path(input_dir), prompt, _extra_pnginfo(workflow))) as current:
         order = validate_graph(prompt, registry)
         results, ui = {}, {}
@@ -260,12 +295,16 @@ def run(prompt, registry=None, *, out_dir="output", input_dir="input", workflow=
 
 
 def _check_out_dir(out_dir):
-    """The output folder, or the nearest of its parents that exists, must be a folder (before any node runs)."""
+    """The output folder, or the nearest of its parents that exists, must be a folder that takes new
+    files (before any node runs)."""
     folder = Path(out_dir)
     blocking = file_in_the_way(folder)
     if blocking is not None:
         where = "is a file" if blocking == folder else f"is under {blocking}, which is a file"
         raise ValidationError([f"--out {out_dir}: {where}, not a folder"])
+    refused = unwritable_folder(folder)
+    if refused is not None:
+        raise ValidationError([f"--out {out_dir}: cannot write in {refused[0]} ({refused[1]})"])
 
 
 def _extra_pnginfo(workflow):

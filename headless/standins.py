@@ -1,7 +1,8 @@
 """Stand-ins for the ComfyUI core nodes a headless run needs, with ComfyUI's input names and semantics.
 
 SaveImage writes <out>/<filename_prefix>_00001_.png, ... (numbering continues after the files
-already there) and refuses a prefix that leaves <out>; PreviewImage writes the same way to
+already there; %width%, %year%, ... filled in as ComfyUI does, save_names.py) and refuses a prefix that
+leaves <out>; PreviewImage writes the same way to
 <out>/temp/ComfyUI_temp_00001_.png, ... (ComfyUI's temp folder; delete it freely). LoadImage reads
 names inside the input folder only. The folders are those of the run in progress (session.py's
 `session()`), which the runner sets with `using(Session(...))`.
@@ -19,9 +20,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..core.errors import InputError
-from ..core.files import file_in_the_way
+from ..core.files import file_in_the_way, written_whole
 from ..core.images import read_image
 from ..core.inpaint import composite
+from .save_names import fill_image
 from .session import session
 
 
@@ -86,9 +88,19 @@ def _save_pngs(images, root, filename_prefix, kind, compress_level, prompt, extr
     for index, image in enumerate(images):
         pixels = np.clip(255.0 * image.detach().cpu().float().numpy(), 0, 255).astype(np.uint8)
         file = f"{name}_{counter + index:05}_.png"
-        Image.fromarray(pixels).save(folder / file, pnginfo=info, compress_level=compress_level)
+        _write_png(Image.fromarray(pixels), folder / file, info, compress_level)
         results.append({"filename": file, "subfolder": subfolder, "type": kind})
     return {"ui": {"images": results}}
+
+
+def _write_png(image, path, info, compress_level):
+    """Write under a temporary name, then rename: a full disk leaves no truncated PNG behind."""
+    try:
+        with written_whole(path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {path} ({error.strerror or error}); no partial file was "
+                                   "left") from error
 
 
 class SaveImage:
@@ -108,6 +120,7 @@ class SaveImage:
         return _check(_save_target, session().out_dir, filename_prefix)
 
     def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        filename_prefix = fill_image(filename_prefix, images.shape[2], images.shape[1])  # %width%, %year%, ...
         return _save_pngs(images, session().out_dir, filename_prefix, "output", 4, prompt, extra_pnginfo)
 
 

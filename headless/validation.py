@@ -114,11 +114,11 @@ def validate_graph(prompt, registry):
     """The ids of the nodes to execute, in order; ValidationError listing every problem otherwise."""
     if not isinstance(prompt, dict):
         raise ValidationError(["workflow: expected a JSON object mapping node ids to nodes"])
+    if not any(_is_output(node, registry) for node in prompt.values()):  # first: nothing else is worth checking
+        raise ValidationError(["workflow: no output node (SaveImage, PreviewImage or another node with "
+                               "OUTPUT_NODE = True); ComfyUI refuses such a workflow too"])
     classes, errors = _known_classes(prompt, registry)
     outputs = sorted((i for i, cls in classes.items() if getattr(cls, "OUTPUT_NODE", False) is True), key=_id_order)
-    if not outputs:
-        errors.append("workflow: no output node (SaveImage, PreviewImage or another node with OUTPUT_NODE = True); "
-                      "ComfyUI refuses such a workflow too")
     order, cycle_errors = _execution_order(outputs, prompt, classes)
     for node_id in order:
         errors += _node_problems(node_id, prompt, classes)
@@ -126,6 +126,11 @@ def validate_graph(prompt, registry):
     if errors:
         raise ValidationError(errors)
     return order
+
+
+def _is_output(node, registry):
+    class_type = node.get("class_type") if isinstance(node, dict) else None
+    return isinstance(class_type, str) and getattr(registry.get(class_type), "OUTPUT_NODE", False) is True
 
 
 def _known_classes(prompt, registry):

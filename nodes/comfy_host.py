@@ -1,6 +1,8 @@
 """The nodes' host inside ComfyUI: its device and memory manager, progress bar and interruption.
 
 The pack's entry (__init__.py) configures it when ComfyUI's `comfy` package is importable."""
+import logging
+
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.samplers
@@ -43,3 +45,7 @@ class _ComfyProgress(Progress):
     def update(self, done, preview=None):
         mm.throw_exception_if_processing_interrupted()
         self.bar.update_absolute(done, self.total, ("JPEG", preview, 512) if preview is not None else None)
+
+    def note(self, text):
+        """The bar has no text: ComfyUI's console (its log) gets it, as ComfyUI's own long steps do."""
+        logging.info("[ldm_nodes] %s", text)

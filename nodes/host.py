@@ -47,6 +47,10 @@ class Progress:
     def update(self, done, preview=None):
         pass
 
+    def note(self, text):
+        """What the node is doing and how long it expects, before its first step (here: not shown;
+        headless: on the progress line; ComfyUI: its console)."""
+
 
 _host = Host()
 
@@ -80,6 +84,18 @@ def use(handle):
 def progress(total):
     """The host's progress report for a node about to take `total` steps."""
     return _host.progress(total)
+
+
+def tile_progress():
+    """A progress(done, total) function for work whose total is known only when it starts (the
+    autoencoder's tiles): the host's progress report, made at the first call."""
+    made = []
+
+    def report(done, total):
+        if not made:
+            made.append(progress(total))
+        made[0].update(done)
+    return report
 
 
 def sampler(function):

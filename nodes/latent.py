@@ -1,6 +1,7 @@
 """LDMEmptyLatent, LDMEncodeImage, LDMDecodeLatent: between images and the autoencoder's latents."""
 from ..core.memory import check_fits
 from ..core.pipeline import decode_latent, empty_latent, encode_image, encode_masked_image
+from . import host
 
 
 class LDMEmptyLatent:
@@ -54,7 +55,7 @@ class LDMEncodeImage:
         core = vae.get()
         check_fits("encode", core, image.shape)
         if mask is None:
-            return ({"samples": encode_image(core, image)},)
+            return ({"samples": encode_image(core, image, progress=host.tile_progress())},)
         samples, noise_mask, masked_latent = encode_masked_image(core, image, mask, grow_mask_by)
         return ({"samples": samples, "noise_mask": noise_mask, "masked_latent": masked_latent},)
 
@@ -76,4 +77,4 @@ class LDMDecodeLatent:
     def decode(self, vae, samples):
         core = vae.get()
         check_fits("decode", core, samples["samples"].shape)
-        return (decode_latent(core, samples["samples"]),)
+        return (decode_latent(core, samples["samples"], progress=host.tile_progress()),)

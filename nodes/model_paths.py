@@ -96,7 +96,10 @@ def _resolve_listed(name):
     if Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise ValueError(f"ckpt_name: {name!r} must be a name from the list, not a path outside the model folders")
     for root in roots:
-        path = (root / rel).resolve()
+        try:
+            path = (root / rel).resolve()
+        except (OSError, RuntimeError) as error:  # a symlink loop: RuntimeError before Python 3.13, then OSError
+            raise ValueError(f"ckpt_name: {name!r} cannot be resolved in {root}: {error}") from None
         if path.is_file():
             if not path.is_relative_to(root):
                 raise ValueError(f"ckpt_name: {name!r} resolves outside the model folder {root}")

@@ -1,4 +1,5 @@
 """LDMSample: denoise a latent, with guidance, along a schedule."""
+from ..core.eta import duration
 from ..core.memory import check_fits
 from ..core.pipeline import run_sigmas, sample
 from ..core.preview import latent_preview
@@ -84,5 +85,8 @@ class LDMSample:
         out = sample(core, latent["samples"], positive, negative, seed=seed, sigmas=run, sampler_name=sampler_name,
                      cfg=cfg, eta=eta, guidance_rescale=guidance_rescale, ddpm_variance=ddpm_variance,
                      noise_mask=latent.get("noise_mask"), masked_latent=latent.get("masked_latent"),
-                     callback=callback)
+                     callback=callback, on_estimate=lambda seconds: progress.note(
+                         f"about {duration(seconds)} a network call at this size (estimated), so about "
+                         f"{duration(seconds * (len(run) - 1))} for {len(run) - 1} steps (twice that for a "
+                         "second-order sampler)"))
         return ({**latent, "samples": out},)

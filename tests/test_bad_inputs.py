@@ -46,11 +46,11 @@ class Result:
     peak: int  # the child's peak resident memory, bytes
 
 
-def cli(*args, cwd):
+def cli(*args, cwd, stdin=None):
     """`python -m ldm_nodes ARGS` in `cwd`; its exit code, output and peak memory (os.wait4)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = subprocess.Popen([sys.executable, "-m", "ldm_nodes", *map(str, args)], cwd=cwd, stdout=out,
-                                   stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                   stderr=err, stdin=stdin, env={**os.environ, "OMP_NUM_THREADS": "1"})
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -563,3 +563,193 @@ def test_trailing_bytes_a_pipe_and_a_nul_name_are_named(tmp_path):
         ck.read_header(tmp_path / "pipe.safetensors")
     with pytest.raises(runner.ValidationError, match="image: the name holds a NUL byte"):
         runner.validate(img2img_in(tmp_path, "a\0b.png"), out_dir=tmp_path / "out", input_dir=PACK / "input")
+
+
+
+# ----------------------------------------------------------------------------- second round (issue #27)
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_a_device_or_a_pipe_as_the_workflow_is_read_with_a_cap(work):
+    """st_size is 0 for both, so only a capped read keeps them from filling memory."""
+    assert_refused(cli("run", "/dev/zero", cwd=work), "/dev/zero", "larger than 64 MB")
+    producer = subprocess.Popen(["head", "-c", str(80 * 2**20), "/dev/zero"], stdout=subprocess.PIPE)
+    result = cli("run", "/dev/stdin", cwd=work, stdin=producer.stdout)
+    producer.stdout.close()
+    producer.wait()
+    assert_refused(result, "/dev/stdin", "larger than 64 MB")
+    assert files_under(work) == set()
+
+
+def test_a_workflow_from_a_pipe_is_read_once(tmp_path):
+    """The PNG check reads the first bytes; a pipe cannot give them twice, so the JSON must keep them."""
+    read, write = os.pipe()
+    os.write(write, TXT2IMG.read_bytes())
+    os.close(write)
+    try:
+        prompt, workflow = runner.read_workflow(f"/dev/fd/{read}")
+    finally:
+        os.close(read)
+    assert prompt == json.loads(TXT2IMG.read_text()) and workflow is None
+
+
+def png_with_text(path, text, compressed=False):
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("prompt", text, zip=compressed)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+@pytest.mark.parametrize("text, compressed, names", [
+    ("{" + " " * 200_000_000 + "}", True, ["bomb.png", "cannot read the PNG", "MAX_TEXT_CHUNK"]),
+    ("[" * 100_000 + "]" * 100_000, False, ["bomb.png", "embedded prompt", "nested too deeply"]),
+    ('{"1": ' + "9" * 5000 + "}", False, ["bomb.png", "embedded prompt", "digits"]),
+], ids=["text_chunk_200MB", "100k_deep", "5000_digits"])
+def test_a_png_workflow_goes_through_the_json_checks(work, text, compressed, names):
+    png_with_text(work / "bomb.png", text, compressed)
+    with pytest.raises(runner.WorkflowError) as refused:
+        runner.read_workflow(work / "bomb.png")
+    assert all(n in str(refused.value) for n in names), str(refused.value)
+    if compressed:  # and on the command line: one line, small memory
+        assert_refused(cli("run", "bomb.png", cwd=work), *names)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc and /sys")
+def test_out_where_nothing_can_be_written_is_refused_before_any_node_runs(work):
+    for out in ("/proc/x", "/sys/x"):
+        with pytest.raises(runner.ValidationError, match=f"--out {out}: cannot write in /"):
+            runner.validate(txt2img(), out_dir=out)
+    assert_refused(cli("run", TXT2IMG, "--out", "/proc/x/y", cwd=work), "--out /proc/x/y", "cannot write in /proc")
+    assert files_under(work) == set()  # the write check leaves nothing behind
+    runner.validate(txt2img(), out_dir=work / "new" / "out")
+    assert files_under(work) == set()
+
+
+@pytest.fixture
+def loop_models(tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "loop.safetensors").symlink_to("loop.safetensors")
+    saved = list(routes.model_paths._model_dirs)
+    routes.model_paths.set_model_dirs([folder])
+    yield folder
+    routes.model_paths.set_model_dirs(saved)
+
+
+def test_a_symlink_loop_in_the_model_folder_is_a_400_naming_ckpt_name(loop_models, work):
+    import asyncio
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def get():
+        async with TestClient(TestServer(routes.make_app())) as client:
+            response = await client.get(routes.SCHEDULE_PATH, params={
+                "beta_schedule": "model", "steps": "10", "spacing": "leading", "ckpt_name": "loop.safetensors"})
+            return response.status, await response.json()
+    status, body = asyncio.run(get())
+    assert status == 400 and body["error"].startswith("ckpt_name: 'loop.safetensors'") and "loop" in body["error"]
+    result = cli("run", TXT2IMG, "--out", "out", "--models-dir", loop_models,
+                 "--set", "1.ckpt_name=loop.safetensors", cwd=work)
+    assert_refused(result, "LDMLoadModel", "ckpt_name", "Symlink loop")
+
+
+def test_a_workflow_without_an_output_node_is_refused_before_its_nodes_are_checked(work):
+    """3,000 nodes with bad inputs: the one problem reported is the missing output node (nothing else is
+    looked at), and without --set the prompt is not even copied."""
+    sampler = txt2img()["6"]
+    prompt = {str(i): {**sampler, "inputs": {**sampler["inputs"], "seed": -1}} for i in range(3000)}
+    assert runner.apply_overrides(prompt, []) is prompt
+    with pytest.raises(runner.ValidationError) as refused:
+        runner.validate(prompt, out_dir=work / "out")
+    assert len(refused.value.errors) == 1 and refused.value.errors[0].startswith("workflow: no output node")
+
+
+def test_a_full_disk_while_saving_leaves_no_partial_png(tmp_path, monkeypatch):
+    import errno
+    from PIL import ImageFile
+    from ldm_nodes.headless.session import Session, using
+    from ldm_nodes.headless.standins import SaveImage
+
+    def disk_full(image, file, *args, **kwargs):  # half the pixels written, then ENOSPC
+        file.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    out = tmp_path / "out"
+    with using(Session(out, tmp_path)):
+        with monkeypatch.context() as patch:
+            patch.setattr(ImageFile, "_save", disk_full)
+            with pytest.raises(OSError, match=r"cannot write .*x_00001_\.png \(No space left on device\); no partial"):
+                SaveImage().save_images(torch.rand(2, 8, 8, 3), "x")
+        assert os.listdir(out) == []
+        SaveImage().save_images(torch.rand(1, 8, 8, 3), "x")  # and the next save writes the first number
+    assert os.listdir(out) == ["x_00001_.png"] and Image.open(out / "x_00001_.png").size == (8, 8)
+
+
+def test_the_flop_fit_matches_a_direct_count_at_a_size_it_did_not_try():
+    """c0 + c1 P + c2 P^2 from the 8, 16 and 32 trials equals the operations counted at 40 x 56 directly
+    (the oracle: torch's own FlopCounterMode, with the CPU attention kernel counted as the CUDA ones)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from ldm_nodes.core import eta
+    from ldm_nodes.core.unet import UNetConfig, UNetModel
+    torch.manual_seed(0)
+    unet = UNetModel(UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2),
+                                num_res_blocks=1, attention_levels=(1,), transformer_depth=1, context_dim=16,
+                                num_head_channels=16)).eval()
+    context = torch.randn(2, 77, 16)
+    call = lambda x: unet(x, torch.full((len(x),), 500.0), context)
+    with torch.inference_mode():
+        fitted, _, _ = eta.fitted_flops(call, 2, 4, 40, 56)
+        with FlopCounterMode(display=False, custom_mapping=eta.EXTRA_COUNTS) as counter:
+            call(torch.zeros(2, 4, 40, 56))
+    assert counter.get_total_flops() > 0 and fitted == pytest.approx(counter.get_total_flops(), rel=1e-9)
+    assert eta.call_seconds(call, 2, 4, 96, 96) is None  # small: no trials
+
+
+def test_a_large_sample_announces_its_estimate_before_the_first_step(monkeypatch):
+    from ldm_nodes.core import eta, pipeline
+    from ldm_nodes.core.checkpoint import load_checkpoint
+    checkpoint = load_checkpoint(PACK / "models" / "tiny-shapes.safetensors")
+    model = pipeline.DiffusionModel.from_checkpoint(checkpoint)
+    monkeypatch.setattr(eta, "ESTIMATE_ABOVE", 8 * 8)  # a 12 x 12 latent counts as large
+    events = []
+    condition = pipeline.Conditioning(torch.randn(1, 77, checkpoint.denoiser.config.context_dim), "")
+    pipeline.sample(model, torch.zeros(1, 4, 12, 12), condition, condition, seed=0, sampler_name="euler", cfg=5.0,
+                    sigmas=torch.tensor([14.6, 1.0, 0.0], dtype=torch.float64),
+                    callback=lambda step: events.append("step"), on_estimate=lambda s: events.append(s))
+    assert isinstance(events[0], float) and events[0] > 0 and events[1:] == ["step", "step"]
+
+
+def test_tiled_decoding_reports_its_tiles_from_zero():
+    from ldm_nodes.core.pipeline import decode_latent
+    vae = AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)).eval()
+    seen = []
+    decode_latent(vae, torch.randn(1, 4, 160, 100), progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(i, 6) for i in range(7)]  # 3 x 2 tiles
+
+
+def test_save_image_fills_comfyuis_variables(tmp_path):
+    """As ComfyUI 0.3.64: %width%, %height%, %year% ... at save (folder_paths.get_save_image_path), and
+    %NODE.WIDGET% (class first, then title) and %date:...% before queueing (its frontend)."""
+    import time
+    from ldm_nodes.headless.save_names import fill_image, fill_prompt
+    now = time.struct_time((2026, 3, 4, 5, 6, 7, 0, 63, 0))
+    assert fill_image("%width%x%height%/%year%-%month%-%day% %hour%%minute%%second%", 640, 480, now) == \
+        "640x480/2026-03-04 050607"
+    prompt = txt2img(**{"8.filename_prefix": "%LDMSample.sampler_name%_%Positive.text%_%date:yyyy-MM-dd hh%_"
+                                             "%LDMSample.latent%_%nope.x%_%width%"})
+    prompt["2"]["inputs"]["text"] = 'a/b:c*"d"'
+    filled = fill_prompt(prompt, now)
+    assert filled["8"]["inputs"]["filename_prefix"] == \
+        "dpmpp_2m_a_b_c__d__2026-03-04 05_%LDMSample.latent%_%nope.x%_%width%"
+    assert prompt["8"]["inputs"]["filename_prefix"].startswith("%LDMSample")  # the prompt given is not changed
+    from ldm_nodes.headless.session import Session, using
+    from ldm_nodes.headless.standins import SaveImage
+    with using(Session(tmp_path, tmp_path)):
+        saved = SaveImage().save_images(torch.rand(1, 24, 40, 3), "sized_%width%x%height%")
+    assert saved["ui"]["images"][0]["filename"] == "sized_40x24_00001_.png"
+
+
+def test_nll_takes_a_model_path_and_names_a_folder(work):
+    result = cli("nll", PACK / "input" / "shapes_32.png", "--model", PIXEL, "--steps", "2", "-q", cwd=work)
+    assert result.code == 0 and str(PACK / "input" / "shapes_32.png") in result.out, result.err
+    assert_refused(cli("nll", PACK / "input", cwd=work), str(PACK / "input"), "is a folder")
+    assert_refused(cli("nll", PACK / "input" / "shapes_32.png", "--model", "nope.safetensors", cwd=work),
+                   "--model", "nope.safetensors")

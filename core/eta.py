@@ -1,0 +1,66 @@
+"""How long one network call on a large latent will take, estimated before the first one runs, so
+that a long run says so from its first seconds.
+
+The floating-point operations of one call are c0 + c1 P + c2 P^2 in its P = h * w latent positions:
+convolutions, feed-forward layers and cross-attention grow with P, self-attention with P^2 (exactly so
+for sizes that halve evenly through the network). torch's FlopCounterMode counts three small trial
+calls, TRIAL_SIDES latent pixels a side, which fix c0, c1 and c2; the device's speed is the last
+trial's operations over its measured time. Small calls run slower per operation than large ones, so
+the estimate leans long; it tells the user what to expect, it is not for accounting.
+"""
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+TRIAL_SIDES = (8, 16, 32)
+ESTIMATE_ABOVE = 96 * 96  # latent positions; smaller runs are short, and the trials would cost more than they tell
+
+
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)
+
+
+# torch counts the CUDA attention kernels but not the CPU one (2.x): count it as they are counted
+_CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+EXTRA_COUNTS = {_CPU_ATTENTION: _cpu_attention_flops} if _CPU_ATTENTION is not None else {}
+
+
+def fitted_flops(call, batch, channels, height, width, device="cpu", dtype=torch.float32):
+    """(the operations of call(x) for x [batch, channels, height, width], fitted from the trial calls,
+    the operations of the last trial call, its trial input)."""
+    positions, counts = [], []
+    for side in TRIAL_SIDES:
+        x = torch.zeros(batch, channels, side, side, device=device, dtype=dtype)
+        with FlopCounterMode(display=False, custom_mapping=EXTRA_COUNTS) as counter:
+            call(x)
+        positions.append(side * side)
+        counts.append(counter.get_total_flops())
+    powers = torch.tensor([[p**k for k in range(3)] for p in positions], dtype=torch.float64)
+    c = torch.linalg.solve(powers, torch.tensor(counts, dtype=torch.float64))
+    p = height * width
+    return float(c[0] + c[1] * p + c[2] * p * p), counts[-1], x
+
+
+def call_seconds(call, batch, channels, height, width, device="cpu", dtype=torch.float32):
+    """Estimated seconds of call(x) for x [batch, channels, height, width]; None for a latent of at most
+    ESTIMATE_ABOVE positions (no trials are run)."""
+    if height * width <= ESTIMATE_ABOVE:
+        return None
+    total, trial, x = fitted_flops(call, batch, channels, height, width, device, dtype)
+    start = time.perf_counter()
+    call(x)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * total / max(trial, 1)
+
+
+def duration(seconds):
+    """'40 s', '12 min', '3.5 h' or '2.1 days'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"

@@ -13,7 +13,8 @@ and a second tiny model comes from a separate folder named by an extra_model_pat
 users add model folders. Output, input, temp, user files and the database go to the temporary
 folder too. The server listens on 127.0.0.1 on a free port and is stopped at the end.
 
-Checked: the pack imports without errors; GET /object_info lists the seven nodes with the contract's
+Checked: the pack imports without errors; it copies its example inputs into the (absent) input
+folder; GET /object_info lists the seven nodes with the contract's
 inputs and both model files; GET /ldm/schedule and /api/ldm/schedule; GET /extensions serves the
 panel's JS; every workflows/api/*.json runs to execution_success over the websocket with per-step
 progress and preview frames, and its SaveImage files exist; a bad ckpt_name is refused by
@@ -116,7 +117,8 @@ class Server:
         cli = (COMFY / "comfy" / "cli_args.py").read_text(errors="replace")
         if "--base-directory" not in cli:
             pytest.skip("this ComfyUI has no --base-directory (added 2025-01); update it")
-        for sub in ("custom_nodes", "models/ldm", "input", "output", "temp", "user"):
+        # no input/: the pack puts its workflows' example pictures there at load (nodes/examples.py)
+        for sub in ("custom_nodes", "models/ldm", "output", "temp", "user"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         try:
             os.symlink(REPO, self.base / "custom_nodes" / PACK_LINK, target_is_directory=True)
@@ -128,8 +130,6 @@ class Server:
         tiny_model(extra / "ldm" / EXTRA_MODEL, seed=1)
         config = self.root / "extra_model_paths.yaml"
         config.write_text(f"ldm_nodes_test:\n    base_path: {json.dumps(str(extra))}\n    ldm: ldm\n")
-        for name in ("shapes.png", "shapes_32.png", "inpaint.png"):
-            shutil.copy(REPO / "input" / name, self.base / "input" / name)
         args = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                 "--disable-auto-launch", "--base-directory", str(self.base),
                 "--extra-model-paths-config", str(config)]
@@ -251,6 +251,18 @@ def test_pack_imports_without_errors(server):
     blocks = log.split("Traceback (most recent call last):")[1:]
     ours = [b for b in blocks if PACK_LINK in b or str(REPO) in b]
     assert not ours, "tracebacks from the pack:\n" + "\n".join(ours)
+
+
+def test_the_example_inputs_are_copied_into_an_empty_input_folder(server):
+    """The server started with no input folder: the pack made it and copied every picture the shipped
+    workflows load, and said so in one log line (test_api_workflow_runs then runs them all)."""
+    used = {n["inputs"]["image"] for path in WORKFLOWS for n in json.loads(path.read_text()).values()
+            if n["class_type"] == "LoadImage"}
+    assert used and all((REPO / "input" / name).is_file() for name in used)
+    for name in sorted((REPO / "input").glob("*.png")):
+        assert (server.base / "input" / name.name).read_bytes() == name.read_bytes()
+    [line] = [line for line in server.log().splitlines() if "copied the example inputs" in line]
+    assert "inpaint.png, shapes.png, shapes_32.png" in line and str(server.base / "input") in line
 
 
 def test_object_info_lists_the_nodes(server):

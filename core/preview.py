@@ -79,8 +79,13 @@ def latent_preview(latent, latent_to_rgb, f=1):
 
 
 def decoded_preview(vae, latent):
-    """The first image of an unscaled latent batch, decoded by the model's autoencoder, as a PIL image."""
-    return _to_pil(decode_latent(vae, latent[:1])[0])
+    """The first image of an unscaled latent batch, decoded by the model's autoencoder, as a PIL image;
+    None when the decode is not finite (an fp16 autoencoder on an early, wild x0 prediction): a step
+    without a preview, not a failed run."""
+    try:
+        return _to_pil(decode_latent(vae, latent[:1])[0])
+    except FloatingPointError:
+        return None
 
 
 def _to_pil(image):

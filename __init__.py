@@ -3,7 +3,7 @@
 ComfyUI imports this folder as a custom-node package; `pip install -e .` installs the same
 folder as the package `ldm_nodes`. Imports inside the pack are relative, so both work.
 """
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host, model_paths
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, examples, host, model_paths
 
 WEB_DIRECTORY = "./web"
 
@@ -16,7 +16,7 @@ else:
 
     host.configure(ComfyHost())
 
-try:  # inside ComfyUI: the model folder and the schedule route for the web panel
+try:  # inside ComfyUI: the model folder, the schedule route for the web panel, the workflows' example inputs
     from server import PromptServer
 except ImportError:
     PromptServer = None
@@ -25,5 +25,6 @@ if getattr(PromptServer, "instance", None) is not None:
 
     model_paths.register_comfy_folders()
     add_routes(PromptServer.instance.routes)
+    examples.install_into_comfyui()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

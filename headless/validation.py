@@ -20,6 +20,7 @@ import inspect
 import math
 
 from .session import session
+from .standins import STAND_INS
 
 PRIMITIVES = {"INT": ((int,), "an integer"), "FLOAT": ((int, float), "a number"),
               "BOOLEAN": ((bool,), "true or false"), "STRING": ((str,), "a string")}
@@ -141,7 +142,7 @@ def _known_classes(prompt, registry):
             errors.append(f"node {node_id}: expected {{\"class_type\": ..., \"inputs\": {{...}}}}")
         elif class_type not in registry:
             errors.append(f"node {node_id} ({class_type}): no such node; headless runs know only this pack's nodes "
-                          "and the stand-ins SaveImage, PreviewImage and LoadImage")
+                          f"and the stand-ins {', '.join(STAND_INS)}")
         else:
             classes[node_id] = registry[class_type]
     return classes, errors

@@ -8,7 +8,7 @@ import torch
 from . import model_paths
 from ..core.checkpoint import load_checkpoint
 from ..core.pipeline import DiffusionModel, TextEncoder
-from ..core.preview import fit_latent_to_rgb
+from ..core.preview import decoded_preview, fit_latent_to_rgb, latent_preview, preview_method, sd1_latent_to_rgb
 from ..core.text import CLIPTokenizer
 from . import host
 
@@ -34,12 +34,20 @@ class Loaded:
 @dataclass
 class LoadedModel(Loaded):
     vae: object = None  # the model's autoencoder part, for previews
-    _latent_to_rgb: tuple = None
+    _latent_to_rgb: dict = None  # preview method -> its linear map, made once
 
-    def latent_to_rgb(self):
-        if self._latent_to_rgb is None:
-            self._latent_to_rgb = fit_latent_to_rgb(self.vae.get())
-        return self._latent_to_rgb
+    def previewer(self, latent_shape):
+        """A function from an unscaled latent batch to the preview image of its first latent, the size of
+        the decoded image (core/preview.py chooses how). Call it before sampling: it loads the autoencoder."""
+        vae = self.vae.get()
+        method = preview_method(vae, latent_shape)
+        if method == "decode":
+            return lambda latent: decoded_preview(vae, latent)
+        self._latent_to_rgb = self._latent_to_rgb or {}
+        if method not in self._latent_to_rgb:
+            self._latent_to_rgb[method] = sd1_latent_to_rgb() if method == "sd1" else fit_latent_to_rgb(vae)
+        latent_to_rgb = self._latent_to_rgb[method]
+        return lambda latent: latent_preview(latent, latent_to_rgb, vae.config.f)
 
 
 def precision_dtypes(precision, device):

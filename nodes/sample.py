@@ -2,7 +2,6 @@
 from ..core.eta import duration
 from ..core.memory import check_fits
 from ..core.pipeline import run_sigmas, sample
-from ..core.preview import latent_preview
 from ..core.objective import VARIANCES
 from ..core.samplers import SAMPLERS
 from . import host
@@ -67,8 +66,8 @@ class LDMSample:
 
     def sample(self, model, schedule, positive, negative, latent, seed, sampler_name, cfg, denoise,
                sigmas=None, eta=-1.0, guidance_rescale=0.0, ddpm_variance="beta_tilde"):
-        # the preview map needs the autoencoder: fit it before the UNet is loaded, not mid-sampling
-        latent_to_rgb = model.latent_to_rgb() if host.in_comfyui() else None
+        # previews need the autoencoder: load it (and fit a preview map) before the UNet, not mid-sampling
+        preview = model.previewer(latent["samples"].shape) if host.in_comfyui() else None
         core = model.get()
         run = run_sigmas(core, schedule, denoise, sigmas)
         context_tokens = max(c.context.shape[1] for c in (positive, negative) if c is not None)
@@ -77,10 +76,8 @@ class LDMSample:
         progress = host.progress(len(run) - 1)
 
         def callback(step):
-            preview = None
-            if latent_to_rgb is not None:
-                preview = latent_preview(step["denoised"] / core.scale_factor, latent_to_rgb)
-            progress.update(step["i"] + 1, preview)
+            image = None if preview is None else preview(step["denoised"] / core.scale_factor)
+            progress.update(step["i"] + 1, image)
 
         out = sample(core, latent["samples"], positive, negative, seed=seed, sigmas=run, sampler_name=sampler_name,
                      cfg=cfg, eta=eta, guidance_rescale=guidance_rescale, ddpm_variance=ddpm_variance,

@@ -280,6 +280,25 @@ def load(name="tiny.safetensors", precision="auto"):
     return LDMLoadModel().load(name, precision)
 
 
+def test_example_inputs_are_copied_once_and_never_over_a_users_file(tmp_path):
+    """What the pack does at load inside ComfyUI (nodes/examples.py): every input/*.png the shipped
+    workflows load is put into ComfyUI's input folder, made if absent; a file of the same name stays."""
+    from ldm_nodes.nodes.examples import EXAMPLES_DIR, copy_example_inputs
+
+    shipped = sorted(p.name for p in EXAMPLES_DIR.glob("*.png"))
+    assert {"shapes.png", "shapes_32.png", "inpaint.png"} <= set(shipped)
+    folder = tmp_path / "input"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "shapes.png").write_bytes(b"the user's own picture")
+    assert copy_example_inputs(folder) == [n for n in shipped if n != "shapes.png"]
+    assert (folder / "shapes.png").read_bytes() == b"the user's own picture"
+    for name in (n for n in shipped if n != "shapes.png"):
+        assert (folder / name).read_bytes() == (EXAMPLES_DIR / name).read_bytes()
+    assert copy_example_inputs(folder) == []  # the second start copies nothing
+    assert copy_example_inputs(tmp_path / "fresh" / "input") == shipped
+    assert sorted(p.name for p in folder.iterdir()) == sorted({*shipped, "sub"})  # no temporary files left
+
+
 def test_model_list_builtin_first_then_safetensors_files(tmp_path, models_dir, monkeypatch):
     builtin = tmp_path / "pack" / "models"
     builtin.mkdir(parents=True)

@@ -4,6 +4,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -177,3 +178,87 @@ def test_with_overrides_the_png_embeds_the_prompt_that_ran_and_no_stale_graph(tm
     assert main(["run", str(tmp_path / "wf.json"), "--out", str(tmp_path / "out"), "-q", "--set", "4.steps=3"]) == 0
     with Image.open(capsys.readouterr().out.strip()) as image:
         assert "workflow" not in image.info and json.loads(image.info["prompt"])["4"]["inputs"]["steps"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Subgraphs: real exports of the frontend 1.58.1 (tests/data/subgraphs, made by export.mjs there from
+# workflows/txt2img.json with 4 steps): each UI file beside the prompt the frontend's graphToPrompt made of it.
+
+SUBGRAPHS = Path(__file__).resolve().parent / "data" / "subgraphs"
+SUBGRAPH_CASES = ["text", "decode_save", "nested", "promoted", "bypassed", "muted"]
+
+
+def executable(prompt):
+    """What the server reads of a prompt (the _meta titles are the frontend's display names, unread)."""
+    return {node_id: (node["class_type"], node["inputs"]) for node_id, node in prompt.items()}
+
+
+@pytest.mark.parametrize("case", SUBGRAPH_CASES)
+def test_a_subgraph_export_converts_to_the_frontends_own_prompt(case):
+    ours = ui_to_api(runner.read_json(SUBGRAPHS / f"{case}.json"), REGISTRY)
+    theirs = runner.read_json(SUBGRAPHS / f"{case}.api.json")
+    assert executable(ours) == executable(theirs)
+    for node_id, node in ours.items():  # a node's own title is kept
+        if node["_meta"]["title"] != node["class_type"]:
+            assert node["_meta"] == theirs[node_id]["_meta"]
+
+
+def test_the_subgraph_cases_cover_what_they_claim():
+    """Guards the test data: ids of nested instances, a promoted widget's value set on the instance (seed 7,
+    cfg 3.5 over the inner 42 and 5), a bypassed instance passing the empty latent on, a muted one left out."""
+    prompts = {case: runner.read_json(SUBGRAPHS / f"{case}.api.json") for case in SUBGRAPH_CASES}
+    assert {"9:2", "9:3"} <= set(prompts["text"]) and {"10:9:2", "10:6"} <= set(prompts["nested"])
+    assert {"9:7", "9:8"} <= set(prompts["decode_save"])
+    sample = prompts["promoted"]["9:6"]["inputs"]
+    assert (sample["seed"], sample["cfg"]) == (7, 3.5)
+    assert prompts["bypassed"]["7"]["inputs"]["samples"] == ["5", 0] and "LDMSample" not in str(prompts["bypassed"])
+    assert [n["class_type"] for n in prompts["muted"].values()].count("SaveImage") == 1
+    muted = runner.read_json(SUBGRAPHS / "muted.json")
+    assert [n["mode"] for n in muted["nodes"] if n["type"] in {d["id"] for d in muted["definitions"]["subgraphs"]}] == [2]
+
+
+@pytest.mark.parametrize("case", ["nested", "promoted", "bypassed", "muted"])
+def test_a_subgraph_file_runs_pixel_identical_to_the_frontends_api_export(case, tmp_path, capsys):
+    assert main(["run", str(SUBGRAPHS / f"{case}.json"), "--out", str(tmp_path / "ui"), "-q"]) == 0
+    (ui_png,) = capsys.readouterr().out.split()
+    assert main(["run", str(SUBGRAPHS / f"{case}.api.json"), "--out", str(tmp_path / "api"), "-q"]) == 0
+    (api_png,) = capsys.readouterr().out.split()
+    with Image.open(ui_png) as a, Image.open(api_png) as b:
+        assert a.size == b.size and a.tobytes() == b.tobytes()
+
+
+def test_a_png_comfyui_wrote_from_a_subgraph_workflow_runs_again(tmp_path, capsys):
+    """nested.png: ComfyUI 0.3.64's SaveImage output of the nested case, queued from frontend 1.58.1. Its
+    prompt has the instance ids; its embedded workflow, converted, is that prompt; a run gives its pixels."""
+    prompt, workflow = runner.read_workflow(SUBGRAPHS / "nested.png")
+    assert "10:6" in prompt and workflow["definitions"]["subgraphs"]
+    assert executable(ui_to_api(workflow, REGISTRY)) == executable(prompt)
+    assert main(["run", str(SUBGRAPHS / "nested.png"), "--out", str(tmp_path), "-q"]) == 0
+    (png,) = capsys.readouterr().out.split()
+    with Image.open(png) as ours, Image.open(SUBGRAPHS / "nested.png") as theirs:
+        assert ours.size == theirs.size
+        difference = np.abs(np.asarray(ours, np.int16) - np.asarray(theirs, np.int16))
+        assert difference.max() <= 1, difference.max()  # ComfyUI's process and ours: the same CPU torch
+
+
+def test_a_node_it_cannot_run_inside_a_subgraph_is_named_with_its_title_and_subgraph():
+    workflow = runner.read_json(SUBGRAPHS / "text.json")
+    (definition,) = workflow["definitions"]["subgraphs"]
+    negative = next(n for n in definition["nodes"] if n["id"] == 3)
+    negative["type"] = "OtherPackNode"
+    with pytest.raises(runner.WorkflowError) as caught:
+        ui_to_api(workflow, REGISTRY)
+    message = str(caught.value)
+    assert message.startswith("node 9:3 'Negative' (OtherPackNode) in subgraph 'New Subgraph': cannot run headless")
+    assert message.endswith(", ".join(runner.STAND_INS)) and "SetLatentNoiseMask" in message
+    del workflow["definitions"]
+    with pytest.raises(runner.WorkflowError, match=rf"node 9 \(subgraph {definition['id']}, whose definition is not "):
+        ui_to_api(workflow, REGISTRY)
+
+
+def test_a_subgraph_that_contains_itself_is_refused():
+    workflow = runner.read_json(SUBGRAPHS / "text.json")
+    (definition,) = workflow["definitions"]["subgraphs"]
+    definition["nodes"].append({"id": 50, "type": definition["id"], "mode": 0, "inputs": [], "outputs": []})
+    with pytest.raises(runner.WorkflowError, match="contains itself"):
+        ui_to_api(workflow, REGISTRY)

@@ -11,6 +11,7 @@ import ldm_nodes
 from ldm_nodes import runner
 from ldm_nodes.core import pipeline
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm_nodes.core.denoiser import Denoiser
 from ldm_nodes.core.data import COLOR_RGB, Scene, render
 from ldm_nodes.core.errors import InputError
 from ldm_nodes.core.inpaint import MaskedDenoiser, composite, grow_mask, latent_mask, masked_pixels
@@ -52,9 +53,19 @@ def box_mask(size=32, rows=slice(8, 24), cols=slice(4, 20)):
 
 
 def run(z, noise_mask=None, sigmas=None, seed=4, sampler_name="euler_ancestral", model=MODEL, **options):
+    """sample(); with a mask, also checks the per-step blend at every step: the sampler's denoised
+    estimate is the original (scaled) latent outside the mask. The final keep-outside copy makes the
+    result exact there whatever the steps did, so only this sees a step that skipped the blend."""
     sigmas = ScheduleSpec("model", 5, "karras").sigmas(model.schedule) if sigmas is None else sigmas
-    return sample(model, z, COND, COND, seed=seed, sigmas=sigmas, sampler_name=sampler_name, cfg=2.0,
-                  noise_mask=noise_mask, **options)
+    steps = []
+    out = sample(model, z, COND, COND, seed=seed, sigmas=sigmas, sampler_name=sampler_name, cfg=2.0,
+                 noise_mask=noise_mask, callback=lambda info: steps.append(info["denoised"].clone()), **options)
+    if noise_mask is not None and len(sigmas) > 1:
+        outside = latent_mask(noise_mask, z.shape) == 0
+        assert len(steps) == len(sigmas) - 1
+        for i, denoised in enumerate(steps):
+            assert torch.equal(denoised[outside], (z * model.scale_factor)[outside]), f"step {i}: no per-step blend"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +115,35 @@ def test_every_denoiser_call_sees_the_original_latent_noised_with_the_initial_no
     assert len(seen) == 9
     for x_in, sigma in seen:
         torch.testing.assert_close(x_in[outside], (z * SCALE + sigma * noise)[outside], rtol=0, atol=1e-6)
+
+
+def test_the_repainted_region_is_the_euler_solution_of_the_blended_denoiser_written_out():
+    """The oracle, independent of MaskedDenoiser: Euler steps x <- x + (s' - s)(x - D')/s on
+    D'(x) = m D(m x + (1 - m)(z + s n)) + (1 - m) z, D the guided denoiser, n the seed's first draw.
+    Inside the mask the result depends on what the steps saw outside it (the UNet's convolutions
+    reach across the edge), so a sampler that denoised the unblended x would differ there."""
+    z, mask = latent(), box_mask()
+    sigmas = ScheduleSpec("model", 5, "karras").sigmas(MODEL.schedule)
+    out = run(z, mask, sigmas, seed=7, sampler_name="euler")
+    m = latent_mask(mask, SHAPE)
+    zs = z * SCALE
+    noise = torch.randn(SHAPE, generator=torch.Generator("cpu").manual_seed(7))
+    denoiser = Denoiser(MODEL.network, MODEL.schedule, "eps", COND.context, COND.context, 2.0)
+    x = zs + noise * float(sigmas[0])
+    with torch.inference_mode():
+        for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+            kept = zs + s * noise
+            d = m * denoiser(m * x + (1 - m) * kept, s) + (1 - m) * zs
+            x = x + (s_next - s) * (x - d) / s
+    torch.testing.assert_close(out, x / SCALE * m + z * (1 - m), rtol=0, atol=1e-5)
+    # the same steps on D(x) alone move the region inside the mask: the comparison above can tell
+    x = zs + noise * float(sigmas[0])
+    with torch.inference_mode():
+        for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+            x = x + (s_next - s) * (x - denoiser(x, s)) / s
+    unblended = x / SCALE
+    inside = m.bool()
+    assert (unblended[inside] - out[inside]).abs().max() > 1e-2
 
 
 def test_an_all_zero_mask_returns_the_latent_unchanged():

@@ -205,6 +205,10 @@ def test_grow_mask_by_is_a_box_dilation_as_vae_encode_for_inpaint():
     assert grown[3].nonzero().tolist() == [[r, c] for r in (3, 4, 5) for c in (3, 4, 5)]
     # an even box: conv2d padding ceil(1 / 2) = 1 then the first 9 rows: rows and columns 4 and 5
     assert grown[2].nonzero().tolist() == [[r, c] for r in (4, 5) for c in (4, 5)]
+    # ComfyUI's default 6 and an odd 7: padding ceil((k - 1) / 2) = 3, so the box is rows c - 2..c + 3 and
+    # c - 3..c + 3 (the first 9 of the padded output)
+    for k, rows in ((6, range(2, 8)), (7, range(1, 8))):
+        assert grow_mask(point, (9, 9), k)[0, 0].nonzero().tolist() == [[r, c] for r in rows for c in rows]
     # a mask of another size is first resized to the image, then rounded
     assert torch.equal(grow_mask(torch.full((1, 3, 3), 0.6), (9, 9), 0), torch.ones(1, 1, 9, 9))
 
@@ -246,6 +250,10 @@ def test_image_composite_masked_pastes_the_source_through_the_mask():
     assert torch.equal(soft[:, :4, :4], torch.full((1, 4, 4, 3), 0.25)) and soft[:, 4:].sum() == 0
     (resized,) = ImageCompositeMasked().composite(destination, source, 0, 0, True)
     assert torch.equal(resized, torch.ones(1, 8, 8, 3))
+    (wide,) = ImageCompositeMasked().composite(destination, torch.ones(1, 2, 5, 3), 1, 4, False)  # not square
+    expected = torch.zeros(1, 8, 8, 3)
+    expected[:, 4:6, 1:6] = 1
+    assert torch.equal(wide, expected)
 
 
 def test_composite_keeps_the_destination_exactly_outside_the_mask():

@@ -183,6 +183,8 @@ def main(argv=None):
                     help="seconds per mutant (default: 3 x the unmutated run + 30)")
     ap.add_argument("--out", type=Path, help="append one JSON line per mutant here")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--only", action="append", metavar="MODULE:INDEX",
+                    help="run only this mutant (repeatable), e.g. to recheck survivors after adding tests")
     args = ap.parse_args(argv)
     modules = args.module or sorted(MODULES)
     todo = []
@@ -194,6 +196,10 @@ def main(argv=None):
         for m, i, line, what in todo:
             print(f"{m}:{line} #{i} {what}")
         return 0
+    if args.only:
+        wanted = {(m, int(i)) for m, i in (o.rsplit(":", 1) for o in args.only)}
+        modules = sorted({m for m, _ in wanted})
+        todo = [t for t in todo if (t[0], t[1]) in wanted]
     random.Random(args.seed).shuffle(todo)
     if args.sample:
         todo = todo[:args.sample]

@@ -254,6 +254,8 @@ def test_image_composite_masked_pastes_the_source_through_the_mask():
     expected = torch.zeros(1, 8, 8, 3)
     expected[:, 4:6, 1:6] = 1
     assert torch.equal(wide, expected)
+    tall = torch.zeros(1, 8, 4, 3)  # x beyond a destination narrower than it is tall: nothing pasted
+    assert torch.equal(ImageCompositeMasked().composite(tall, source, 6, 0, False)[0], tall)
 
 
 def test_composite_keeps_the_destination_exactly_outside_the_mask():

@@ -41,6 +41,7 @@ from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, en
 from ldm_nodes.core.families import FAMILIES
 from ldm_nodes.core.train import TINY_AUTOENCODER, TINY_TEXT
 from ldm_nodes.core.unet import UNetConfig, UNetModel
+from ldm_nodes.nodes import host
 
 SD15_UNET = UNetConfig(4, 4, 320, (1, 2, 4, 4), 2, (0, 1, 2), 1, 768, num_heads=8)
 SHAPES = {  # device type -> (UNet, autoencoder, text encoder, image size)
@@ -155,19 +156,22 @@ def decode_rows(vae_config, theirs_vae, latent, device, dtype, repeats):
     rows = []
     for label in dict.fromkeys((dtype, "fp32")):
         vae = prepare(AutoencoderKL(vae_config), device, DTYPES[label])
-        z = torch.randn(1, vae_config.embed_dim, latent, latent)
+        # both start from the same latent already on the device in the row's dtype and end with the image
+        # in fp32 on the host (ours: decode_latent, the product's path, with its finite check and clamp)
+        z = torch.randn(1, vae_config.embed_dim, latent, latent).to(device, DTYPES[label])
         row = {"what": f"VAE decode, {label}", "ours": timed(lambda: decode_latent(vae, z), repeats, device)}
         channels_last(vae)
         row["ours_nhwc"] = timed(lambda: decode_latent(vae, z), repeats, device)
         if theirs_vae is not None:
-            twin, zd = theirs_vae.to(device, DTYPES[label]), z.to(device, DTYPES[label])
-            row["diffusers"] = timed(lambda: twin.decode(zd).sample.float().cpu(), repeats, device)
+            twin = theirs_vae.to(device, DTYPES[label])
+            row["diffusers"] = timed(lambda: twin.decode(z).sample.float().cpu(), repeats, device)
         rows.append(row)
     return rows
 
 
 def image_row(unet, text, vae, twins, latent, steps, cfg, device, repeats):
-    """One whole image, ours through core/pipeline; diffusers' twin by hand."""
+    """One whole image, ours through core/pipeline as LDMSample calls it (with its per-step callback);
+    diffusers' twin by hand."""
     tokenizer = CLIPTokenizer()
     schedule = TrainingSchedule("scaled_linear")
     model = DiffusionModel(unet, schedule, "eps", vae.config.scale_factor, vae.config.embed_dim)
@@ -178,8 +182,10 @@ def image_row(unet, text, vae, twins, latent, steps, cfg, device, repeats):
         with torch.inference_mode():
             cond = Conditioning(encode_prompt(tokenizer, text, PROMPT), PROMPT)
             uncond = Conditioning(encode_prompt(tokenizer, text, ""), "")
+        progress = host.progress(len(sigmas) - 1)  # LDMSample's callback (no preview outside ComfyUI): with
+        # a callback the sampler's monitor checks the latent is finite on the host after every step
         return decode_latent(vae, sample(model, start, cond, uncond, seed=0, sampler_name="dpmpp_2m", cfg=cfg,
-                                         sigmas=sigmas))
+                                         sigmas=sigmas, callback=lambda step: progress.update(step["i"] + 1)))
 
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -127,6 +127,11 @@ def load_state(path, modules, optimizer, ema, generator, info):
             saved, info = json.loads(metadata["info"]), json.loads(json.dumps(info))
             if saved != info:
                 changed = sorted(k for k in set(saved) | set(info) if saved.get(k) != info.get(k))
+                old_digests = [k for k in changed if isinstance(saved.get(k), float) and k.endswith("_digest")]
+                if old_digests:  # before issue 25 the frozen parts' fingerprint was a float sum
+                    raise InputError(path, f"written by an older version of the trainer ({', '.join(old_digests)} "
+                                           "is the old float sum, which cannot be checked against the frozen parts "
+                                           "now); delete it to start the stage again")
                 raise InputError(path, f"written by a run with other settings ({', '.join(changed)}); "
                                        "use another --out folder or the same settings")
             keys = set(f.keys())

@@ -77,9 +77,17 @@ def train_autoencoder(opts, config, dataset, kl_weight=1e-6, ema_decay=0.999):
 
 
 def parameter_digest(*modules):
-    """The sum of the modules' parameters in float64: a fingerprint in a stage's settings, so a resume
-    notices that a part the stage keeps frozen (an encoder, an autoencoder, a text encoder) changed."""
-    return float(sum(p.detach().double().sum() for m in modules for p in m.parameters()))
+    """SHA-256 of the modules' parameters (each one's name, dtype, shape and bytes, in order), as
+    "sha256:<hex>": a fingerprint in a stage's settings, so a resume notices that a part the stage keeps
+    frozen (an encoder, an autoencoder, a text encoder) changed, even by a permutation or by edits that
+    cancel in a sum. (States saved before this stored a float sum; load_state refuses them by name.)"""
+    h = hashlib.sha256()
+    for i, module in enumerate(modules):
+        for name, p in module.named_parameters():
+            t = p.detach().cpu().contiguous()
+            h.update(f"{i}.{name} {t.dtype} {tuple(t.shape)}\n".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 def last_value(history):

@@ -46,10 +46,22 @@ class Result:
     peak: int  # the child's peak resident memory, bytes
 
 
-def cli(*args, cwd, stdin=None):
-    """`python -m ldm_nodes ARGS` in `cwd`; its exit code, output and peak memory (os.wait4)."""
+# `python -m ldm_nodes` with core/memory's reader of the available memory fixed to a figure, so that a
+# refusal for lack of memory does not depend on the machine the test runs on.
+WITH_AVAILABLE_MEMORY = """import sys
+from ldm_nodes.core import memory
+memory.available_memory = lambda device: ({available}, "RAM (fixed by the test)")
+from ldm_nodes.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cli(*args, cwd, stdin=None, available=None):
+    """`python -m ldm_nodes ARGS` in `cwd`; its exit code, output and peak memory (os.wait4). With
+    `available` (bytes), the process sees that much memory available whatever the machine has."""
+    command = ["-m", "ldm_nodes"] if available is None else ["-c", WITH_AVAILABLE_MEMORY.format(available=available)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen([sys.executable, "-m", "ldm_nodes", *map(str, args)], cwd=cwd, stdout=out,
+        process = subprocess.Popen([sys.executable, *command, *map(str, args)], cwd=cwd, stdout=out,
                                    stderr=err, stdin=stdin, env={**os.environ, "OMP_NUM_THREADS": "1"})
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
@@ -310,12 +322,13 @@ def test_out_that_is_a_file_or_under_one_is_refused_before_any_node_runs(work):
 @pytest.mark.parametrize("batch", [16, 64])
 def test_a_size_beyond_memory_is_refused_before_sampling_naming_width_height_and_batch(work, batch):
     """4096 x 4096 at batch 16 or 64 is inside the nodes' declared maximum; its sampling would need
-    ~130 or ~530 GB. The refusal's peak stays under 1 GB (assert_refused): LDMEmptyLatent's zeros at
-    batch 64 would be 1 GiB if they were stored per sample."""
+    ~130 or ~530 GB. The process sees 16 GiB available whatever the machine has (on a 256 GB machine it
+    would otherwise start a 130 GB run). The refusal's peak stays under 1 GB (assert_refused):
+    LDMEmptyLatent's zeros at batch 64 would be 1 GiB if they were stored per sample."""
     result = cli("run", TXT2IMG, "--out", "out", "--set", "5.width=4096", "--set", "5.height=4096",
-                 "--set", f"5.batch_size={batch}", cwd=work)
+                 "--set", f"5.batch_size={batch}", cwd=work, available=16 * 2**30)
     assert_refused(result, "LDMSample", "width, height, batch_size", f"4096 x 4096 at batch_size {batch}", "GiB",
-                   "available")
+                   "16.00 GiB is available (RAM (fixed by the test))")
     assert files_under(work) == set()
 
 

@@ -39,7 +39,11 @@ def txt2img(tmp_path, workflow="txt2img", **overrides):
 def test_txt2img_workflow_reproduces_the_golden_image(tmp_path, workflow, seed):
     """The shipped workflow, run headless, gives the image shipped beside this test (regenerate it only
     when the model changes on purpose: python -m ldm_nodes.tools.goldens). Bit-exact on the machine that made it; other CPUs may round
-    convolutions differently, hence the small tolerance."""
+    convolutions differently, hence the small tolerance. A REGRESSION CHECK, not a correctness test: the
+    golden is this code's own output, so it says the output did not change, not that it is right. The
+    independent oracles for correctness are elsewhere: test_samplers.py (closed forms), test_diffusers_parity.py,
+    test_unet.py / test_text.py / test_autoencoder.py (diffusers and transformers twins), and
+    test_the_workflow_prompt_is_followed below (the picture is read back against its prompt)."""
     image = txt2img(tmp_path, workflow, **{"6.seed": seed})
     golden = np.asarray(Image.open(image_path(workflow, seed)).convert("RGB")).astype(np.int16)
     difference = np.abs(image - golden)
@@ -117,7 +121,9 @@ def test_pixel_model_is_ddpm_in_pixel_space_sharing_the_text_encoder():
 
 def test_nll_of_the_example_scene_is_what_we_measured(capsys):
     """The default command on the shipped 32x32 scene, every timestep: a golden number (regenerate it
-    only when the model changes on purpose: python -m ldm_nodes.tools.goldens), and far below the 8 bits/dim of storing it raw."""
+    only when the model changes on purpose: python -m ldm_nodes.tools.goldens), and far below the 8 bits/dim of storing it raw.
+    A REGRESSION CHECK (the number is this code's own output); the bound's correctness is tested against
+    closed-form float64 oracles in test_likelihood.py."""
     assert nll(PACK / "input" / "shapes_32.png") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["unit"] == "bits/dim" and report["model"] == PIXEL

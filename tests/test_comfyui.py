@@ -25,6 +25,9 @@ pictures runs once dropped into models/ldm.
 Masks: the runner's stand-ins declare the inputs of ComfyUI's own mask nodes; core's SetLatentNoiseMask
 on LDMEncodeImage's latent makes LDMSample keep the latent outside the mask exactly (read back through
 core's SaveLatent), and core's ImageCompositeMasked then gives the original pixels outside the mask.
+comfy_host.ComfyHost (the nodes' host inside ComfyUI; tests/test_sampler_select.py uses a stub host) is
+checked against ComfyUI's own modules in a process of COMFYUI_PYTHON: device, memory manager, progress
+bar hook with previews, interruption, KSAMPLER, and the entry configuring it.
 
 Why this file is long: one server is started per module (about 15-45 s), so every check that needs a
 real ComfyUI shares it here; the server harness alone is about 150 lines.
@@ -708,3 +711,71 @@ def test_every_ui_workflow_runs_in_the_newer_frontend(server_with_other_frontend
     version, results, errors = asyncio.run(browse(server_with_other_frontend, browser_profile / f"vue_{vue_nodes}",
                                                   vue_nodes))
     check_browser_results(server_with_other_frontend, version, results, errors)
+
+# comfy_host.ComfyHost, the nodes' host inside ComfyUI, against ComfyUI's own modules (not a stub): run in
+# COMFYUI_PYTHON with the checkout on sys.path and `--cpu`, as the server runs. Imported through the pack's
+# public path (ldm_nodes.nodes.comfy_host).
+COMFY_HOST_CHECK = """
+import sys
+sys.argv = ["main.py", "--cpu"]
+sys.path[:0] = [{pack!r}, {comfy!r}]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.samplers
+import comfy.utils
+from ldm_nodes.nodes.comfy_host import ComfyHost
+from ldm_nodes.nodes import host as nodes_host
+
+h = ComfyHost()
+assert h.inside_comfyui
+assert h.device() == mm.get_torch_device() == torch.device("cpu"), h.device()
+
+# managed / use: the module goes to ComfyUI's memory manager and comes back loaded
+module = torch.nn.Linear(3, 2)
+handle = h.managed(module)
+assert isinstance(handle, comfy.model_patcher.ModelPatcher) and handle.model is module
+assert h.use(handle) is module and handle in mm.loaded_models(), mm.loaded_models()
+
+# progress: ComfyUI's ProgressBar hook sees each step, with a JPEG preview when given one
+seen = []
+comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total, preview)))
+progress = h.progress(4)
+progress.update(1)
+picture = object()
+progress.update(2, picture)
+assert seen == [(1, 4, None), (2, 4, ("JPEG", picture, 512))], seen
+
+# interruption: the next progress update raises ComfyUI's own exception
+mm.interrupt_current_processing(True)
+try:
+    progress.update(3)
+except mm.InterruptProcessingException:
+    pass
+else:
+    raise AssertionError("an interrupted run went on")
+mm.interrupt_current_processing(False)
+
+# sampler: ComfyUI's KSAMPLER around the sampling function
+def function(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    return x
+sampler = h.sampler(function)
+assert isinstance(sampler, comfy.samplers.KSAMPLER) and sampler.sampler_function is function
+
+# the pack's entry configured this host when it was imported inside ComfyUI
+import ldm_nodes
+assert nodes_host.in_comfyui() and isinstance(nodes_host.current(), ComfyHost), nodes_host.current()
+print("comfy_host ok")
+"""
+
+
+def test_comfy_host_against_comfyuis_own_modules(tmp_path):
+    link = tmp_path / "pack"
+    link.mkdir()
+    os.symlink(REPO, link / PACK_LINK, target_is_directory=True)
+    script = COMFY_HOST_CHECK.format(pack=str(link), comfy=str(COMFY))
+    result = subprocess.run([PYTHON, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "comfy_host ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

@@ -11,6 +11,7 @@ import ldm_nodes
 from ldm_nodes.headless import runner
 from ldm_nodes.core import pipeline
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm_nodes.core.denoiser import Denoiser
 from ldm_nodes.core.data import COLOR_RGB, Scene, render
 from ldm_nodes.core.errors import InputError
 from ldm_nodes.core.inpaint import MaskedDenoiser, composite, grow_mask, latent_mask, masked_pixels
@@ -52,9 +53,19 @@ def box_mask(size=32, rows=slice(8, 24), cols=slice(4, 20)):
 
 
 def run(z, noise_mask=None, sigmas=None, seed=4, sampler_name="euler_ancestral", model=MODEL, **options):
+    """sample(); with a mask, also checks the per-step blend at every step: the sampler's denoised
+    estimate is the original (scaled) latent outside the mask. The final keep-outside copy makes the
+    result exact there whatever the steps did, so only this sees a step that skipped the blend."""
     sigmas = ScheduleSpec("model", 5, "karras").sigmas(model.schedule) if sigmas is None else sigmas
-    return sample(model, z, COND, COND, seed=seed, sigmas=sigmas, sampler_name=sampler_name, cfg=2.0,
-                  noise_mask=noise_mask, **options)
+    steps = []
+    out = sample(model, z, COND, COND, seed=seed, sigmas=sigmas, sampler_name=sampler_name, cfg=2.0,
+                 noise_mask=noise_mask, callback=lambda info: steps.append(info["denoised"].clone()), **options)
+    if noise_mask is not None and len(sigmas) > 1:
+        outside = latent_mask(noise_mask, z.shape) == 0
+        assert len(steps) == len(sigmas) - 1
+        for i, denoised in enumerate(steps):
+            assert torch.equal(denoised[outside], (z * model.scale_factor)[outside]), f"step {i}: no per-step blend"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +115,35 @@ def test_every_denoiser_call_sees_the_original_latent_noised_with_the_initial_no
     assert len(seen) == 9
     for x_in, sigma in seen:
         torch.testing.assert_close(x_in[outside], (z * SCALE + sigma * noise)[outside], rtol=0, atol=1e-6)
+
+
+def test_the_repainted_region_is_the_euler_solution_of_the_blended_denoiser_written_out():
+    """The oracle, independent of MaskedDenoiser: Euler steps x <- x + (s' - s)(x - D')/s on
+    D'(x) = m D(m x + (1 - m)(z + s n)) + (1 - m) z, D the guided denoiser, n the seed's first draw.
+    Inside the mask the result depends on what the steps saw outside it (the UNet's convolutions
+    reach across the edge), so a sampler that denoised the unblended x would differ there."""
+    z, mask = latent(), box_mask()
+    sigmas = ScheduleSpec("model", 5, "karras").sigmas(MODEL.schedule)
+    out = run(z, mask, sigmas, seed=7, sampler_name="euler")
+    m = latent_mask(mask, SHAPE)
+    zs = z * SCALE
+    noise = torch.randn(SHAPE, generator=torch.Generator("cpu").manual_seed(7))
+    denoiser = Denoiser(MODEL.network, MODEL.schedule, "eps", COND.context, COND.context, 2.0)
+    x = zs + noise * float(sigmas[0])
+    with torch.inference_mode():
+        for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+            kept = zs + s * noise
+            d = m * denoiser(m * x + (1 - m) * kept, s) + (1 - m) * zs
+            x = x + (s_next - s) * (x - d) / s
+    torch.testing.assert_close(out, x / SCALE * m + z * (1 - m), rtol=0, atol=1e-5)
+    # the same steps on D(x) alone move the region inside the mask: the comparison above can tell
+    x = zs + noise * float(sigmas[0])
+    with torch.inference_mode():
+        for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+            x = x + (s_next - s) * (x - denoiser(x, s)) / s
+    unblended = x / SCALE
+    inside = m.bool()
+    assert (unblended[inside] - out[inside]).abs().max() > 1e-2
 
 
 def test_an_all_zero_mask_returns_the_latent_unchanged():
@@ -165,6 +205,10 @@ def test_grow_mask_by_is_a_box_dilation_as_vae_encode_for_inpaint():
     assert grown[3].nonzero().tolist() == [[r, c] for r in (3, 4, 5) for c in (3, 4, 5)]
     # an even box: conv2d padding ceil(1 / 2) = 1 then the first 9 rows: rows and columns 4 and 5
     assert grown[2].nonzero().tolist() == [[r, c] for r in (4, 5) for c in (4, 5)]
+    # ComfyUI's default 6 and an odd 7: padding ceil((k - 1) / 2) = 3, so the box is rows c - 2..c + 3 and
+    # c - 3..c + 3 (the first 9 of the padded output)
+    for k, rows in ((6, range(2, 8)), (7, range(1, 8))):
+        assert grow_mask(point, (9, 9), k)[0, 0].nonzero().tolist() == [[r, c] for r in rows for c in rows]
     # a mask of another size is first resized to the image, then rounded
     assert torch.equal(grow_mask(torch.full((1, 3, 3), 0.6), (9, 9), 0), torch.ones(1, 1, 9, 9))
 
@@ -206,6 +250,12 @@ def test_image_composite_masked_pastes_the_source_through_the_mask():
     assert torch.equal(soft[:, :4, :4], torch.full((1, 4, 4, 3), 0.25)) and soft[:, 4:].sum() == 0
     (resized,) = ImageCompositeMasked().composite(destination, source, 0, 0, True)
     assert torch.equal(resized, torch.ones(1, 8, 8, 3))
+    (wide,) = ImageCompositeMasked().composite(destination, torch.ones(1, 2, 5, 3), 1, 4, False)  # not square
+    expected = torch.zeros(1, 8, 8, 3)
+    expected[:, 4:6, 1:6] = 1
+    assert torch.equal(wide, expected)
+    tall = torch.zeros(1, 8, 4, 3)  # x beyond a destination narrower than it is tall: nothing pasted
+    assert torch.equal(ImageCompositeMasked().composite(tall, source, 6, 0, False)[0], tall)
 
 
 def test_composite_keeps_the_destination_exactly_outside_the_mask():

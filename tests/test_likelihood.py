@@ -332,7 +332,7 @@ def test_uniform_noise_images_cost_at_least_8_bits_and_constant_images_little():
 
 def test_clip_x0_clips_the_prediction():
     schedule = TrainingSchedule("linear", 20)
-    x0 = torch.full((1, 1, 2, 2), 1.0, dtype=F64)
+    x0 = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=F64).reshape(1, 1, 2, 2)  # predictions beyond both ends
 
     def wild(x, t, c):
         return 3 * x + 0.5

@@ -128,3 +128,14 @@ def test_l_simple_is_zero_for_a_network_that_outputs_the_target(prediction):
     assert loss.item() < 1e-10
     with pytest.raises(ValueError, match="unknown prediction type"):
         obj.training_target(x0, eps, SCHEDULE.alpha_bar[t], "score")
+
+
+def test_training_target_is_eps_v_or_x0_written_out():
+    """eps (eq. 14), v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022, eq. 14 there), or x0, per sample."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    ab = torch.tensor([0.9, 0.2], dtype=torch.float64)
+    v = torch.stack([math.sqrt(a) * e - math.sqrt(1 - a) * x for a, e, x in zip(ab.tolist(), eps, x0)])
+    assert torch.equal(obj.training_target(x0, eps, ab, "eps"), eps)
+    assert torch.equal(obj.training_target(x0, eps, ab, "x0"), x0)
+    torch.testing.assert_close(obj.training_target(x0, eps, ab, "v"), v)

@@ -1,6 +1,7 @@
 """LDMSamplerSelect: the pack's samplers as ComfyUI's SAMPLER (k-diffusion's sampling-function
 convention, comfy/samplers.py KSAMPLER), and LDMSample with linked sigmas that stop above 0.
-The real-ComfyUI run (SamplerCustom on a core MODEL) is in tests/test_comfyui.py."""
+The real-ComfyUI run (SamplerCustom on a core MODEL) and the test of comfy_host.ComfyHost against
+ComfyUI's own modules are in tests/test_comfyui.py."""
 import pytest
 import torch
 

@@ -34,6 +34,15 @@ def test_alpha_bar_sigma_and_log_snr_agree():
     torch.testing.assert_close(s.log_snr, -2 * s.sigmas.log())
 
 
+def test_sampling_schedule_alpha_bar_and_log_snr_are_those_of_its_sigmas():
+    """log SNR = log(alpha_bar / (1 - alpha_bar)) at each sampling sigma (mutation testing found it unchecked)."""
+    s = sampling_schedule(TrainingSchedule("scaled_linear"), 10, "karras")
+    sigmas = s.sigmas[:-1].double()
+    ab = 1 / (1 + sigmas**2)
+    torch.testing.assert_close(s.alpha_bar[:-1].double(), ab)
+    torch.testing.assert_close(s.log_snr[:-1].double(), (ab / (1 - ab)).log())
+
+
 def test_zero_terminal_snr_keeps_alpha_bar_1_and_zeroes_alpha_bar_T():
     base = TrainingSchedule("scaled_linear")
     z = TrainingSchedule("scaled_linear", zero_terminal_snr=True)

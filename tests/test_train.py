@@ -140,6 +140,9 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     rates = [train_loop.learning_rate(opts, step) for step in range(1000)]
     assert rates[0] == pytest.approx(0.01) and rates[99] == pytest.approx(1.0)
     assert rates[550] == pytest.approx(0.55, abs=0.01)  # halfway through the decay: 0.1 + 0.9 / 2
+    # a quarter and three quarters through, where cosine (0.1 + 0.45 (1 + cos(pi p))) and linear decay
+    # (0.775, 0.325) differ: the midpoint alone cannot tell them apart
+    assert rates[325] == pytest.approx(0.8682, abs=1e-3) and rates[775] == pytest.approx(0.2318, abs=1e-3)
     assert rates[-1] == pytest.approx(0.1, abs=1e-4)
     assert all(a >= b for a, b in zip(rates[100:], rates[101:]))
 

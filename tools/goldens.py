@@ -7,6 +7,10 @@ txt2img workflows at fixed seeds, run headless) and tests/golden/record.json (th
 input/shapes_32.png under the built-in pixel model, all timesteps, seed 0, and the torch version and
 machine that made them). `--check` regenerates into a temporary folder and prints the largest pixel
 difference and the bound's difference instead of writing.
+
+Goldens are regression checks: they are the code's own output, so they catch a change, not an error.
+Correctness rests on the independent oracles (closed forms, float64 references, diffusers and
+transformers twins with random weights); never replace one of those by a golden.
 """
 import argparse
 import contextlib

@@ -1,7 +1,7 @@
 """The pack inside a real ComfyUI server: optional, skipped unless COMFYUI_DIR names a checkout.
 
-ComfyUI is not on PyPI, so CI cannot install it; this suite is for a person (or a machine) that has
-one. Set COMFYUI_DIR to the checkout (the folder holding main.py) and, when ComfyUI's requirements
+ComfyUI is not on PyPI; CI builds one from the snapshot in ../shared/comfyui (.ci/run sets the variables
+below), and a person can point this suite at their own. Set COMFYUI_DIR to the checkout (the folder holding main.py) and, when ComfyUI's requirements
 live in another environment, COMFYUI_PYTHON to that interpreter (default: the one running pytest).
 
     COMFYUI_DIR=~/ComfyUI COMFYUI_PYTHON=~/ComfyUI/venv/bin/python python -m pytest tests/test_comfyui.py
@@ -25,6 +25,11 @@ pictures runs once dropped into models/ldm.
 Masks: the runner's stand-ins declare the inputs of ComfyUI's own mask nodes; core's SetLatentNoiseMask
 on LDMEncodeImage's latent makes LDMSample keep the latent outside the mask exactly (read back through
 core's SaveLatent), and core's ImageCompositeMasked then gives the original pixels outside the mask.
+
+The frontends: in headless Chromium (Debian's chromium, driven over the DevTools protocol), every
+workflows/*.json loads, the schedule panel draws and the graph runs with its image coming back, in the
+server's default frontend and, when COMFYUI_FRONTEND_ROOT names another frontend's static folder (build.sh
+DEST 1.58.1 prints it), in that one on a second server, with Comfy.VueNodes.Enabled off and on.
 
 Why this file is long: one server is started per module (about 15-45 s), so every check that needs a
 real ComfyUI shares it here; the server harness alone is about 150 lines.

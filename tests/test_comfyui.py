@@ -1,7 +1,7 @@
 """The pack inside a real ComfyUI server: optional, skipped unless COMFYUI_DIR names a checkout.
 
-ComfyUI is not on PyPI, so CI cannot install it; this suite is for a person (or a machine) that has
-one. Set COMFYUI_DIR to the checkout (the folder holding main.py) and, when ComfyUI's requirements
+ComfyUI is not on PyPI; CI builds one from the snapshot in ../shared/comfyui (.ci/run sets the variables
+below), and a person can point this suite at their own. Set COMFYUI_DIR to the checkout (the folder holding main.py) and, when ComfyUI's requirements
 live in another environment, COMFYUI_PYTHON to that interpreter (default: the one running pytest).
 
     COMFYUI_DIR=~/ComfyUI COMFYUI_PYTHON=~/ComfyUI/venv/bin/python python -m pytest tests/test_comfyui.py
@@ -28,6 +28,11 @@ core's SaveLatent), and core's ImageCompositeMasked then gives the original pixe
 comfy_host.ComfyHost (the nodes' host inside ComfyUI; tests/test_sampler_select.py uses a stub host) is
 checked against ComfyUI's own modules in a process of COMFYUI_PYTHON: device, memory manager, progress
 bar hook with previews, interruption, KSAMPLER, and the entry configuring it.
+
+The frontends: in headless Chromium (Debian's chromium, driven over the DevTools protocol), every
+workflows/*.json loads, the schedule panel draws and the graph runs with its image coming back, in the
+server's default frontend and, when COMFYUI_FRONTEND_ROOT names another frontend's static folder (build.sh
+DEST 1.58.1 prints it), in that one on a second server, with Comfy.VueNodes.Enabled off and on.
 
 Why this file is long: one server is started per module (about 15-45 s), so every check that needs a
 real ComfyUI shares it here; the server harness alone is about 150 lines.
@@ -600,19 +605,20 @@ BROWSER_RUN = r"""
     if (node.type === "LDMLikelihood") steps.value = 4;
   }
   const schedules = app.graph.nodes.filter((n) => n.type === "LDMNoiseSchedule");
+  const drawnPixels = (canvas) => {  // pixels off the background colour (the top-left one)
+    if (!canvas.isConnected || !canvas.clientWidth) return 0;
+    const { data } = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+    let drawn = 0;
+    for (let i = 0; i < data.length; i += 4)
+      if (Math.abs(data[i] - data[0]) + Math.abs(data[i + 1] - data[1]) + Math.abs(data[i + 2] - data[2]) > 60) drawn++;
+    return drawn;
+  };
   const panels = [];
   for (const node of schedules) {
-    const panel = node.ldmSchedulePanel;
-    for (let waited = 0; panel && !(panel.series && panel.canvas.width > 0) && waited < 20000; waited += 100) {
-      panel.draw();
+    let panel = node.ldmSchedulePanel, drawn = 0;
+    for (let waited = 0; !(panel?.series && (drawn = drawnPixels(panel.canvas)) > 300) && waited < 20000; waited += 100) {
       await sleep(100);
-    }
-    let drawn = 0;
-    if (panel?.canvas.width > 0) {
-      const { data } = panel.canvas.getContext("2d").getImageData(0, 0, panel.canvas.width, panel.canvas.height);
-      const [r0, g0, b0] = data;
-      for (let i = 0; i < data.length; i += 4)
-        if (Math.abs(data[i] - r0) + Math.abs(data[i + 1] - g0) + Math.abs(data[i + 2] - b0) > 60) drawn++;
+      panel = node.ldmSchedulePanel;
     }
     panels.push({ attached: !!panel, inPage: !!panel?.canvas.isConnected, message: panel?.message ?? null,
                   series: panel?.series?.length ?? 0, drawn });
@@ -654,8 +660,9 @@ async def browse(server, profile, vue_nodes=None):
     async with Chromium(profile) as browser:
         await browser.call("Page.navigate", url=server.url)
         for _ in range(BROWSER_TIMEOUT * 10):
-            ready = await browser.evaluate("!!(window.comfyAPI?.app?.app?.graph && window.LiteGraph?.registered_node_types"
-                                           "?.LDMSample && window.comfyAPI.app.app.extensionManager)")
+            # window.app is set once the app and its canvas are set up (earlier, loading a graph fails in 1.58.1)
+            ready = await browser.evaluate("!!(window.app?.canvas && window.app.graph "
+                                           "&& window.LiteGraph?.registered_node_types?.LDMSample)")
             if ready:
                 break
             await asyncio.sleep(0.1)

@@ -193,8 +193,11 @@ def executable(prompt):
     return {node_id: (node["class_type"], node["inputs"]) for node_id, node in prompt.items()}
 
 
-@pytest.mark.parametrize("case", SUBGRAPH_CASES)
+@pytest.mark.parametrize("case", SUBGRAPH_CASES + [f"1.27.10/{case}" for case in SUBGRAPH_CASES[:4]])
 def test_a_subgraph_export_converts_to_the_frontends_own_prompt(case):
+    """Also the same cases exported by frontend 1.27.10 (ComfyUI 0.3.64's own). Its bypassed and muted
+    cases are kept but not compared: 1.27.10 still sends the nodes inside a muted or bypassed subgraph
+    (a muted subgraph's SaveImage runs), which later frontends fixed; the runner follows 1.58.1."""
     ours = ui_to_api(runner.read_json(SUBGRAPHS / f"{case}.json"), REGISTRY)
     theirs = runner.read_json(SUBGRAPHS / f"{case}.api.json")
     assert executable(ours) == executable(theirs)
@@ -262,3 +265,11 @@ def test_a_subgraph_that_contains_itself_is_refused():
     definition["nodes"].append({"id": 50, "type": definition["id"], "mode": 0, "inputs": [], "outputs": []})
     with pytest.raises(runner.WorkflowError, match="contains itself"):
         ui_to_api(workflow, REGISTRY)
+
+
+@pytest.mark.parametrize("case, instance", [("muted", "11"), ("bypassed", "9")])
+def test_frontend_1_27_10_sends_a_muted_or_bypassed_subgraphs_nodes_and_the_runner_does_not(case, instance):
+    ours = executable(ui_to_api(runner.read_json(SUBGRAPHS / f"1.27.10/{case}.json"), REGISTRY))
+    theirs = executable(runner.read_json(SUBGRAPHS / f"1.27.10/{case}.api.json"))
+    inside = {k for k in theirs if k.startswith(f"{instance}:")}
+    assert inside and {k: v for k, v in theirs.items() if k not in inside} == ours

@@ -3,7 +3,8 @@
 // LGraph.convertToSubgraph (what "Convert to Subgraph" calls), promotes widgets the way its
 // promoteWidget does (a subgraph input linked to the widget's slot), and writes for each case the
 // UI file (app.graph.serialize()) and the API prompt (app.graphToPrompt().output). The nested case is
-// also queued, and the PNG ComfyUI's SaveImage wrote is downloaded.
+// also queued, and the PNG ComfyUI's SaveImage wrote is downloaded. tests/data/subgraphs/1.27.10/ holds the
+// same cases exported by frontend 1.27.10 (the default of ComfyUI 0.3.64; its nested.png not kept).
 //
 //   npm install playwright-core   (drives Debian's chromium; downloads no browser; run the script from that
 //   folder, with REPO=this repository when it lies elsewhere)

@@ -393,4 +393,9 @@ def test_bad_inputs_name_the_input():
     for name, kw in cases:
         with pytest.raises(ValueError, match=f"^{name}: "):
             bound(**kw)
+    # the figures the messages give are the right ones
+    with pytest.raises(ValueError, match=r"K <= T - 1 = 19 .*got 20"):
+        bound(timesteps=20)
+    with pytest.raises(ValueError, match=r"^context: batch 2 matches neither 1 nor x0's batch 1$"):
+        bound(context=torch.zeros(2, 4, 8))
     bound(x0=pixels + 0.3 / 255, discrete=False)  # continuous data may lie anywhere

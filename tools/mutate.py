@@ -37,7 +37,7 @@ MODULES = {
     "core/objective.py": ["tests/test_objective.py"],
     "core/likelihood.py": ["tests/test_likelihood.py"],
     "core/denoiser.py": ["tests/test_denoiser.py"],
-    "core/inpaint.py": ["tests/test_inpaint.py"],
+    "core/inpaint.py": ["tests/test_inpaint.py", "tests/test_inpaint_parity.py"],
 }
 
 BINOP_SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,

@@ -3,8 +3,12 @@
 ComfyUI imports this folder as a custom-node package; `pip install -e .` installs the same
 folder as the package `ldm_nodes`. Imports inside the pack are relative, so both work.
 """
-from . import model_paths
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
+from .core.threads import passive_wait_for_cli
+
+passive_wait_for_cli(__name__)  # `python -m ldm_nodes` only, before torch loads OpenMP (core/threads.py)
+
+from . import model_paths  # noqa: E402
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host  # noqa: E402
 
 WEB_DIRECTORY = "./web"
 

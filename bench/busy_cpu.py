@@ -49,20 +49,20 @@ def main():
             "before": ([sys.executable, "-c", MAIN], dict(clean, OMP_NUM_THREADS=str(os.cpu_count())))}
     out = tempfile.mkdtemp(prefix="ldm_busy_")
     results = {}
-    for state in ("quiet", "busy"):
-        competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=clean) if state == "busy" else None
-        try:
-            if competitor:
-                time.sleep(3)  # past its import
-            for name, (start, env) in ways.items():
+    for name, (start, env) in ways.items():
+        for state in ("quiet", "busy"):
+            competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=clean) if state == "busy" else None
+            try:
+                if competitor:
+                    time.sleep(3)  # past its import
                 load = os.getloadavg()[0]
                 results[name, state] = step_ms(start, env, args.steps, args.repeats, out)
                 print(f"{name:6s} {state:5s} {results[name, state]:7.1f} ms per step   (load average {load:.1f})",
                       flush=True)
-        finally:
-            if competitor:
-                competitor.kill()
-                competitor.wait()
+            finally:
+                if competitor:
+                    competitor.kill()
+                    competitor.wait()
     for name in ways:
         print(f"{name:6s} busy / quiet: {results[name, 'busy'] / results[name, 'quiet']:.1f}x")
 

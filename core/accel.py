@@ -19,6 +19,7 @@ data pointers change), so a second sampling run replays at once. Anywhere else, 
 capture (an op that syncs with the host, or a warning about the graph or its capture, such as an
 empty graph), the network runs eagerly: the fast path is never a requirement.
 """
+import functools
 import warnings
 import weakref
 
@@ -44,6 +45,19 @@ def gpu_layout(module):
     CHANNELS_LAST, otherwise unchanged. Returns the module."""
     on_cuda = any(p.device.type == "cuda" for p in module.parameters())
     return channels_last(module) if CHANNELS_LAST and on_cuda else module
+
+
+@functools.cache
+def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether the CPU computes bf16 dot products natively (the avx512_bf16 or amx_bf16 flag, as Linux
+    reports them): there oneDNN runs bf16 convolutions and matmuls about twice as fast as fp32
+    (bench/RESULTS.md). False where the flags cannot be read."""
+    try:
+        with open(cpuinfo) as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def run_fp32(network, x, t, context):

@@ -13,7 +13,7 @@ from ldm_nodes.core.checkpoint import load_checkpoint, read_model_metadata
 from ldm_nodes.core.data import parse_caption
 from ldm_nodes.nodes import LDMLoadModel
 from ldm_nodes.tools.evaluation import BANDS, band_losses, scenes
-from ldm_nodes.tools.goldens import IMAGES as GOLDENS, image_path, recorded_nll, txt2img as txt2img_file
+from ldm_nodes.tools.goldens import FP32, IMAGES as GOLDENS, image_path, recorded_nll, txt2img as txt2img_file
 from ldm_nodes.tools.scene_analysis import analyse
 
 PACK = Path(model_paths.__file__).resolve().parent
@@ -39,7 +39,7 @@ def test_txt2img_workflow_reproduces_the_golden_image(tmp_path, workflow, seed):
     """The shipped workflow, run headless, gives the image shipped beside this test (regenerate it only
     when the model changes on purpose: python -m ldm_nodes.tools.goldens). Bit-exact on the machine that made it; other CPUs may round
     convolutions differently, hence the small tolerance."""
-    image = txt2img(tmp_path, workflow, **{"6.seed": seed})
+    image = txt2img(tmp_path, workflow, **{"6.seed": seed}, **FP32)
     golden = np.asarray(Image.open(image_path(workflow, seed)).convert("RGB")).astype(np.int16)
     difference = np.abs(image - golden)
     assert difference.mean() < 1.0 and difference.max() <= 24, (difference.mean(), difference.max())

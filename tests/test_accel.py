@@ -435,3 +435,13 @@ def test_cuda_sd15_shaped_sample_and_decode_memory():
     reserved = (torch.cuda.max_memory_reserved() - weights) / 2**30
     assert allocated <= PEAK_ALLOCATED_GIB, f"peak allocated {allocated:.2f} GiB beyond the weights"
     assert reserved <= PEAK_RESERVED_GIB, f"peak reserved {reserved:.2f} GiB beyond the weights"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse avx2 avx512f avx512bw", False), ("fpu avx512f avx512_bf16 avx512_vnni", True),
+    ("fpu amx_bf16 amx_tile", True), (None, False)])
+def test_cpu_bf16_is_read_from_the_cpu_flags(tmp_path, flags, expected):
+    info = tmp_path / "cpuinfo"
+    if flags is not None:
+        info.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert accel.cpu_has_bf16(str(info)) is expected

@@ -50,6 +50,17 @@ def test_fast_network_off_cuda_casts_the_input_and_returns_fp32(dtype):
     assert out.dtype == torch.float32 and net not in accel._CAPTURED
 
 
+def test_fast_network_on_the_cpu_runs_channels_last_with_nchw_outputs():
+    for net in networks():
+        reference = copy.deepcopy(net)
+        fast = accel.fast_network(net)
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        x, t, c = inputs()
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x, t, c), reference(x, t, c), rtol=1e-5, atol=1e-5)
+
+
 def test_captured_network_runs_eagerly_on_cpu():
     net = networks()[0]
     captured = accel.CapturedNetwork(net)

@@ -6,7 +6,8 @@ Prints, measured side by side in this process (torch's thread setting as the pro
 OMP_NUM_THREADS / OMP_WAIT_POLICY before starting it, as for the CLI):
   - dense kernels: fp32 (and bf16 when the CPU reports avx512_bf16 or amx_bf16) 3x3 convolutions at
     batch 2, NCHW and channels-last, and square matmuls; the best fp32 rate is the reference;
-  - the built-in model (builtin/tiny-shapes): one UNet call (batch 2, 16x16x4 latent, context 77), one
+  - the built-in model (builtin/tiny-shapes): one UNet call as sampling makes it (fp32, and bf16 where
+    the CPU has it: what precision auto picks there) (batch 2, 16x16x4 latent, context 77), one
     sampling step of dpmpp_2m with CFG ((a 41-step run - a 1-step run) / 40: the network, the sampler's
     updates, the CFG mix), and one timestep of the pixel model's bound (builtin/tiny-shapes-pixel on a
     32x32 image, the batch nll uses).
@@ -17,6 +18,7 @@ machine the best is the figure least disturbed by other work. Rates are GFLOP/s;
 against the best fp32 dense rate of this run.
 """
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm_nodes.core.accel import fast_network
 from ldm_nodes.core.checkpoint import load_checkpoint
 from ldm_nodes.core.images import read_image
 from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, ScheduleSpec, likelihood, sample
@@ -80,7 +83,7 @@ def dense_rates(dtype, repeats):
     return rates
 
 
-def pack_rates(repeats, skip_nll):
+def pack_rates(repeats, skip_nll, bf16):
     """{what: (milliseconds, GFLOP, GFLOP/s)} for the built-in models."""
     ck = load_checkpoint(model_file("builtin/tiny-shapes.safetensors"))
     model = DiffusionModel.from_checkpoint(ck)
@@ -90,10 +93,12 @@ def pack_rates(repeats, skip_nll):
     t = torch.full((2,), 500.0)
     context = model.empty_context.expand(2, -1, -1)
     rows = {}
+    variants = (("fp32", torch.float32),) + ((("bf16", torch.bfloat16),) if bf16 else ())
     with torch.inference_mode():
-        call = lambda: net(x, t, context)  # noqa: E731
-        seconds = best_seconds(call, repeats)
-        rows["UNet call (batch 2, 16x16)"] = (seconds, flops(call))
+        for name, dtype in variants:  # as sampling calls it: accel.fast_network (channels-last on the CPU)
+            fast = fast_network(copy.deepcopy(net).to(dtype))
+            call = lambda: fast(x, t, context.to(dtype))  # noqa: E731
+            rows[f"UNet call (batch 2, 16x16) {name}"] = (best_seconds(call, repeats), flops(call))
 
     cond = Conditioning(model.empty_context, "")
     latent = torch.zeros(1, 4, 16, 16)
@@ -104,7 +109,7 @@ def pack_rates(repeats, skip_nll):
 
     long_run, short_run = run(schedule), run(schedule[-2:])
     step = (best_seconds(long_run, max(3, repeats // 5)) - best_seconds(short_run, repeats)) / 40
-    rows["sampling step (dpmpp_2m, CFG)"] = (step, flops(short_run))
+    rows["sampling step (dpmpp_2m, CFG) fp32"] = (step, flops(short_run))
 
     if not skip_nll:
         pixel = load_checkpoint(model_file("builtin/tiny-shapes-pixel.safetensors"))
@@ -113,7 +118,7 @@ def pack_rates(repeats, skip_nll):
         steps = 255  # 256 evaluated timesteps (L_0 and 255 drawn): 4 calls at batch 64
         bound = lambda: likelihood(pixel_model, pixel.vae, image, steps=steps)  # noqa: E731
         seconds = best_seconds(bound, max(2, repeats // 10))
-        rows["nll timestep (pixel model, 32x32)"] = (seconds / (steps + 1), flops(bound) / (steps + 1))
+        rows["nll timestep (pixel, 32x32) fp32"] = (seconds / (steps + 1), flops(bound) / (steps + 1))
     return {name: (s * 1e3, f / 1e9, f / s / 1e9) for name, (s, f) in rows.items()}
 
 
@@ -132,9 +137,12 @@ def main():
             print(f"  {name} {kernel:34s} {rate:7.1f} GFLOP/s")
         best[name] = max(rates.values())
         print(f"best dense {name}: {best[name]:.1f} GFLOP/s")
-    for what, (ms, gflop, rate) in pack_rates(args.repeats, args.skip_nll).items():
-        print(f"{what:34s} {ms:8.2f} ms  {gflop:7.3f} GFLOP  {rate:6.1f} GFLOP/s  "
-              f"{100 * rate / best['fp32']:5.1f} % of best dense fp32")
+    for what, (ms, gflop, rate) in pack_rates(args.repeats, args.skip_nll, bf16).items():
+        line = (f"{what:38s} {ms:8.2f} ms  {gflop:7.3f} GFLOP  {rate:6.1f} GFLOP/s  "
+                f"{100 * rate / best['fp32']:5.1f} % of best dense fp32")
+        if what.endswith("bf16"):
+            line += f", {100 * rate / best['bf16']:5.1f} % of best dense bf16"
+        print(line)
 
 
 if __name__ == "__main__":

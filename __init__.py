@@ -3,7 +3,11 @@
 ComfyUI imports this folder as a custom-node package; `pip install -e .` installs the same
 folder as the package `ldm_nodes`. Imports inside the pack are relative, so both work.
 """
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, examples, host, model_paths
+from .core.threads import passive_wait_for_cli
+
+passive_wait_for_cli(__name__)  # `python -m ldm_nodes` only, before torch loads OpenMP (core/threads.py)
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, examples, host, model_paths  # noqa: E402
 
 WEB_DIRECTORY = "./web"
 

@@ -23,4 +23,7 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 0
+    from ..core.threads import configure
+
+    configure(quiet=getattr(args, "quiet", False))  # torch's threads for this process (never under a host)
     return COMMANDS[args.command].run(args)

@@ -19,6 +19,7 @@ data pointers change), so a second sampling run replays at once. Anywhere else, 
 capture (an op that syncs with the host, or a warning about the graph or its capture, such as an
 empty graph), the network runs eagerly: the fast path is never a requirement.
 """
+import functools
 import warnings
 import weakref
 
@@ -39,11 +40,32 @@ def channels_last(module):
     return module.to(memory_format=torch.channels_last)
 
 
+def cpu_layout(module):
+    """The module in the layout the CPU runs fastest: channels-last, whose convolutions oneDNN runs without
+    reordering each input and output (bench/RESULTS.md: 1.1x on the built-in UNet's step, up to 1.3x on
+    the pixel model's nll batches, outputs within 1e-5 of NCHW). Modules off the CPU are unchanged."""
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    return channels_last(module) if on_cpu else module
+
+
 def gpu_layout(module):
     """The module in the layout the fast path uses on its device: channels-last on CUDA when
     CHANNELS_LAST, otherwise unchanged. Returns the module."""
     on_cuda = any(p.device.type == "cuda" for p in module.parameters())
     return channels_last(module) if CHANNELS_LAST and on_cuda else module
+
+
+@functools.cache
+def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether the CPU computes bf16 dot products natively (the avx512_bf16 or amx_bf16 flag, as Linux
+    reports them): there oneDNN runs bf16 convolutions and matmuls about twice as fast as fp32
+    (bench/RESULTS.md). False where the flags cannot be read."""
+    try:
+        with open(cpuinfo) as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def run_fp32(network, x, t, context):
@@ -142,9 +164,11 @@ class CapturedNetwork:
 
 def fast_network(network):
     """The network as a sampling run should call it, with its state x in fp32 (run_fp32): on CUDA in
-    gpu_layout and replayed from the network's captured graphs; elsewhere run eagerly."""
+    gpu_layout and replayed from the network's captured graphs; elsewhere run eagerly, on the CPU in
+    cpu_layout."""
     param = next(network.parameters())
     if param.device.type != "cuda":
+        cpu_layout(network)
         return lambda x, t, context: run_fp32(network, x, t, context)
     return captured(gpu_layout(network))
 

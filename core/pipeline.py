@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .accel import fast_network, gpu_layout
+from .accel import cpu_layout, fast_network, gpu_layout
 from .autoencoder import TILE_ABOVE, IdentityAutoencoder, placement
 from .denoiser import Denoiser
 from .errors import InputError
@@ -319,8 +319,10 @@ def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, 
     batch = 64
     calls = [0, math.ceil((T if steps == 0 else steps + 1) / max(1, batch // len(x0)))]
 
+    net = cpu_layout(model.network)
+
     def network(x, t, c):
-        out = model.network(x.to(dtype), t, c.to(device, dtype)).float()
+        out = net(x.to(dtype), t, c.to(device, dtype)).float()
         calls[0] += 1
         if progress:
             progress(calls[0], calls[1])

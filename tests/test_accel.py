@@ -57,6 +57,17 @@ def test_fast_network_off_cuda_casts_the_input_and_returns_fp32(dtype):
     assert drift <= {torch.float32: 1e-5, torch.bfloat16: DRIFT[torch.bfloat16]}[dtype], drift
 
 
+def test_fast_network_on_the_cpu_runs_channels_last_with_nchw_outputs():
+    for net in networks():
+        reference = copy.deepcopy(net)
+        fast = accel.fast_network(net)
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        x, t, c = inputs()
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x, t, c), reference(x, t, c), rtol=1e-5, atol=1e-5)
+
+
 def test_captured_network_runs_eagerly_on_cpu(monkeypatch):
     """Off CUDA no warm-up, capture or replay is reached, whatever the number of calls."""
     net = networks()[0]
@@ -488,3 +499,13 @@ def test_cuda_sd15_shaped_sample_and_decode_memory():
     reserved = (torch.cuda.max_memory_reserved() - weights) / 2**30
     assert allocated <= PEAK_ALLOCATED_GIB, f"peak allocated {allocated:.2f} GiB beyond the weights > {PEAK_ALLOCATED_GIB} (an estimate)"
     assert reserved <= PEAK_RESERVED_GIB, f"peak reserved {reserved:.2f} GiB beyond the weights > {PEAK_RESERVED_GIB} (an estimate)"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse avx2 avx512f avx512bw", False), ("fpu avx512f avx512_bf16 avx512_vnni", True),
+    ("fpu amx_bf16 amx_tile", True), (None, False)])
+def test_cpu_bf16_is_read_from_the_cpu_flags(tmp_path, flags, expected):
+    info = tmp_path / "cpuinfo"
+    if flags is not None:
+        info.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert accel.cpu_has_bf16(str(info)) is expected

@@ -14,7 +14,7 @@ from ldm_nodes.core.checkpoint import load_checkpoint, read_model_metadata
 from ldm_nodes.core.data import parse_caption
 from ldm_nodes.nodes import LDMLoadModel
 from ldm_nodes.tools.evaluation import BANDS, band_losses, scenes
-from ldm_nodes.tools.goldens import IMAGES as GOLDENS, image_path, recorded_nll, txt2img as txt2img_file
+from ldm_nodes.tools.goldens import FP32, IMAGES as GOLDENS, image_path, recorded_nll, txt2img as txt2img_file
 from ldm_nodes.tools.scene_analysis import analyse
 
 PACK = Path(model_paths.__file__).resolve().parent
@@ -44,7 +44,7 @@ def test_txt2img_workflow_reproduces_the_golden_image(tmp_path, workflow, seed):
     independent oracles for correctness are elsewhere: test_samplers.py (closed forms), test_diffusers_parity.py,
     test_unet.py / test_text.py / test_autoencoder.py (diffusers and transformers twins), and
     test_the_workflow_prompt_is_followed below (the picture is read back against its prompt)."""
-    image = txt2img(tmp_path, workflow, **{"6.seed": seed})
+    image = txt2img(tmp_path, workflow, **{"6.seed": seed}, **FP32)
     golden = np.asarray(Image.open(image_path(workflow, seed)).convert("RGB")).astype(np.int16)
     difference = np.abs(image - golden)
     assert difference.mean() < 1.0 and difference.max() <= 24, (difference.mean(), difference.max())

@@ -21,6 +21,7 @@ from ldm_nodes.core.pipeline import ScheduleSpec
 from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel
 from ldm_nodes.core.unet import UNetConfig, UNetModel
+from ldm_nodes.nodes import loader
 from ldm_nodes.nodes import (
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, LDMDecodeLatent, LDMEmptyLatent, LDMEncodeImage,
     LDMEncodeText, LDMLoadModel, LDMNoiseSchedule, LDMSample,
@@ -349,13 +350,15 @@ def dtypes(module):
     return {p.dtype for p in module.parameters()}
 
 
-@pytest.mark.parametrize("precision, unet, vae", [
-    ("auto", torch.float32, torch.float32),
-    ("fp32", torch.float32, torch.float32),
-    ("fp16", torch.float16, torch.float16),
-    ("bf16", torch.bfloat16, torch.bfloat16),
+@pytest.mark.parametrize("precision, cpu_bf16, unet, vae", [
+    ("auto", False, torch.float32, torch.float32),  # a CPU without bf16 instructions: auto stays fp32
+    ("auto", True, torch.bfloat16, torch.float32),  # avx512_bf16 / AMX: bf16, the autoencoder in fp32
+    ("fp32", True, torch.float32, torch.float32),
+    ("fp16", False, torch.float16, torch.float16),
+    ("bf16", False, torch.bfloat16, torch.bfloat16),
 ])
-def test_precision(models_dir, precision, unet, vae):
+def test_precision(models_dir, monkeypatch, precision, cpu_bf16, unet, vae):
+    monkeypatch.setattr(loader, "cpu_has_bf16", lambda: cpu_bf16)
     model, text, autoencoder = load(precision=precision)
     assert dtypes(model.core.network) == {unet} and dtypes(text.core.model) == {unet}
     assert dtypes(autoencoder.core) == {vae}

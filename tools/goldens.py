@@ -36,6 +36,8 @@ RECORD = GOLDEN / "record.json"
 # (workflow, seed) -> the model whose image it is: <model>-txt2img-seed<seed>.png
 IMAGES = {("txt2img", 42): "tiny-shapes", ("txt2img_transformer", 42): "tiny-shapes-transformer",
           ("txt2img_transformer", 7): "tiny-shapes-transformer"}
+# the golden images are fp32 on every CPU: precision auto is bf16 on CPUs with bf16 instructions
+FP32 = {"1.precision": "fp32"}
 NLL_IMAGE = "shapes_32.png"  # in input/, scored by `nll`'s defaults: the pixel model, all timesteps
 
 
@@ -67,7 +69,7 @@ def regenerate(folder):
     folder.mkdir(parents=True, exist_ok=True)
     for workflow, seed in IMAGES:
         with tempfile.TemporaryDirectory() as scratch:
-            shutil.copyfile(txt2img(scratch, workflow, **{"6.seed": seed}), image_path(workflow, seed, folder))
+            shutil.copyfile(txt2img(scratch, workflow, **{"6.seed": seed}, **FP32), image_path(workflow, seed, folder))
     record = {"nll": {NLL_IMAGE: round(nll_bits_per_dim(), 4)}, "torch": torch.__version__,
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
               "python": platform.python_version(), "threads": torch.get_num_threads(),

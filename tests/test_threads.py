@@ -1,0 +1,92 @@
+"""core/threads.py: the command line's thread policy, and that nothing else gets it."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm_nodes.core import threads
+
+PACK = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["python3", "-m", "ldm_nodes", "run", "x.json"], True),
+    (["python3", "-X", "importtime", "-m", "ldm_nodes", "nll", "a.png"], True),
+    (["python3", "-m", "ldm_nodes.__main__", "train"], True),
+    (["python3", "-m", "pytest", "tests"], False),
+    (["python3", "main.py", "--listen"], False),  # ComfyUI
+    (["python3", "-c", "import ldm_nodes"], False),
+    (["python3", "script.py", "-m", "ldm_nodes"], False),  # the script's own argument
+    (["python3", "-c", "pass", "-m", "ldm_nodes"], False),
+    (["python3", "-mldm_nodes", "run"], True),
+])
+def test_only_the_packs_own_command_line_counts_as_the_cli(argv, expected):
+    assert threads.started_as_cli(argv) is expected
+
+
+def test_the_wait_policy_is_set_only_for_the_cli_before_torch_and_never_over_the_users(monkeypatch):
+    cli = ["python3", "-m", "ldm_nodes", "run"]
+    monkeypatch.delitem(sys.modules, "torch")  # as at the top of the package's __init__ under `python -m`
+    env = {}
+    assert threads.passive_wait_for_cli(environ=env, argv=cli) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert not threads.passive_wait_for_cli(environ=env, argv=cli) and env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    env = {}
+    assert not threads.passive_wait_for_cli(environ=env, argv=["python3", "main.py"]) and env == {}
+    monkeypatch.setitem(sys.modules, "torch", torch)  # a host that loaded torch first: too late, and not ours
+    assert not threads.passive_wait_for_cli(environ=env, argv=cli) and env == {}
+
+
+@pytest.mark.parametrize("default, cpus, busy, expected", [
+    (2, 2, 0, 2), (2, 2, 1, 1), (2, 2, 7, 1), (8, 16, 4, 8), (16, 16, 4, 12), (4, 4, None, 4)])
+def test_threads_are_the_cpus_other_work_leaves_free(default, cpus, busy, expected):
+    assert threads.thread_count(default, cpus, busy) == expected
+
+
+def test_busy_cpus_reads_a_count():
+    busy = threads.busy_cpus()
+    assert busy is None or busy >= 0
+
+
+def test_configure_keeps_the_users_thread_count_and_says_so_once(monkeypatch, capsys):
+    monkeypatch.setattr(threads, "_chosen", None)
+    before = torch.get_num_threads()
+    env = {"OMP_NUM_THREADS": str(before), "OMP_WAIT_POLICY": "PASSIVE"}
+    assert threads.configure(environ=env) == (before, "PASSIVE")
+    assert capsys.readouterr().err == f"torch threads: {before} (OMP_NUM_THREADS), OpenMP wait policy PASSIVE\n"
+    threads.configure(environ=env)
+    assert capsys.readouterr().err == "" and torch.get_num_threads() == before
+
+
+def test_configure_sets_the_free_cpus(monkeypatch, capsys):
+    monkeypatch.setattr(threads, "_chosen", None)
+    monkeypatch.setattr(threads, "busy_cpus", lambda: 1)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert threads.configure(quiet=True, environ={}) == (1, "active (OpenMP's default)")
+        assert torch.get_num_threads() == 1 and capsys.readouterr().err == ""
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_python_m_ldm_nodes_waits_passively_and_says_what_it_chose(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run([sys.executable, "-m", "ldm_nodes", "nll", str(tmp_path / "missing.png")], env=env,
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[0] == "torch threads: 1 (OMP_NUM_THREADS), OpenMP wait policy PASSIVE"
+
+
+def test_importing_the_pack_changes_no_process_setting():
+    """What a host sees: importing the pack (as ComfyUI does) sets no OpenMP variable and keeps torch's threads."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    code = ("import os, torch; n = torch.get_num_threads(); import ldm_nodes; "
+            "print(n == torch.get_num_threads(), [k for k in os.environ if k.startswith('OMP_')])")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True []"

@@ -341,6 +341,8 @@ def main(argv=None):
     nll.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
     nll.add_argument("--device", default="cpu", help="torch device")
     nll.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr (errors still show)")
+    from .cli import classify
+    classify.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args)
@@ -348,6 +350,8 @@ def main(argv=None):
         return _run(args)
     if args.command == "nll":
         return _nll(args)
+    if args.command == "classify":
+        return classify.run(args)
     parser.print_help()
     return 0
 

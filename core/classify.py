@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .likelihood import UNITS, _check_context, _check_schedule, _check_x0, bound_terms, noise_draws, strided_timesteps
 from .autoencoder import placement
+from .errors import InputError
+from .likelihood import UNITS, _check_context, _check_schedule, _check_x0, bound_terms, noise_draws, strided_timesteps
 from .objective import prior_kl, q_sample
-from .pipeline import bound_data, counted_network
+from .pipeline import bound_data, counted_network, encode_text
 
 
 @dataclass
@@ -102,6 +103,19 @@ def classify_bound(network, x0, contexts, schedule, timesteps, generator, predic
 
 
 DEFAULT_STEPS = 100  # timesteps per image, shared by its candidates
+
+
+def encode_candidates(text_encoder, prompts):
+    """The contexts [N, L, D] of N candidate prompts (a pipeline.TextEncoder), refusing what cannot be
+    compared: fewer than 2, or prompts of different lengths in 77-token chunks (they cannot share a batch)."""
+    if len(prompts) < 2:
+        raise InputError("prompts", f"classification needs at least 2 candidate prompts, got {len(prompts)}")
+    contexts = [encode_text(text_encoder, text).context for text in prompts]
+    if len({c.shape[1] for c in contexts}) > 1:
+        raise InputError("prompts", "the candidates encode to different numbers of 77-token chunks "
+                                    f"({', '.join(str(c.shape[1] // 77) for c in contexts)}): keep every prompt "
+                                    "under 75 tokens, or all of them over")
+    return torch.cat(contexts)
 
 
 def classify(model, vae, image, contexts, steps=DEFAULT_STEPS, seed=0, variance="beta_tilde", progress=None):

@@ -5,6 +5,7 @@ closed forms in test_likelihood.py): the paired, batched estimate must be that b
 (2) the closed-form Gaussian denoiser of test_likelihood.py, one data mean per candidate, where the right
 answer is the mean the data was drawn from and the spread of a paired difference over seeds is measured.
 """
+import json
 import math
 
 import pytest
@@ -104,3 +105,71 @@ def test_refusals_name_the_input():
     with pytest.raises(ValueError, match="timesteps"):
         classify_bound(lambda x, t, c: x, torch.zeros(1, 1, 2, 2), torch.zeros(2, 1, 1), TrainingSchedule("linear", 10, 1e-3, 0.1), 1,
                        None, discrete=False)
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+PROMPTS = ["a large blue circle in the center on a yellow background",
+           "a large red circle in the center on a yellow background"]
+
+
+@pytest.fixture
+def never_load(monkeypatch):
+    """Loading weights fails the test: a refusal must come before."""
+    from ldm_nodes.core import checkpoint
+
+    def load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the input was refused")
+    monkeypatch.setattr(checkpoint, "load_checkpoint", load)
+
+
+def write_png(path, size, mode="RGB"):
+    from PIL import Image
+    Image.new(mode, (size, size)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{png}", "--prompt", "a"], "--prompt: needs at least 2 candidate prompts, got 1"),
+    (["{png}", "--prompt", "a", "--prompt", "a"], "the same prompt is given twice"),
+    (["{dir}/typo.png", "--prompt", "a", "--prompt", "b"], "typo.png: no such file"),
+    (["--prompt", "a", "--prompt", "b"], "IMAGE: give at least one image"),
+    (["{small}", "--prompt", "a", "--prompt", "b"], "16x16, but this model was trained on 64x64"),
+    (["{png}", "--prompt", "a", "--prompt", "b", "--steps", "1000"], "--steps: 1000: 2..999"),
+    (["{png}", "--prompt", "a", "--prompt", "b", "--model", "nope.safetensors"], "--model:"),
+    (["{png}", "--prompt", "a", "--prompt", "b", "--json", "{dir}/no/such/out.json"], "--json:"),
+    (["--batch", "{batch}"], "line 2: expected {\"image\": path"),
+    (["--batch", "{batch}", "{png}"], "--batch: takes the images and prompts from the file"),
+])
+def test_classify_command_refuses_bad_input_in_one_line_before_loading(args, message, tmp_path, capsys, never_load):
+    from ldm_nodes.__main__ import main
+    png, small = write_png(tmp_path / "a.png", 64), write_png(tmp_path / "small.png", 16)
+    batch = tmp_path / "q.jsonl"
+    batch.write_text(json.dumps({"image": "a.png", "prompts": ["a", "b"]}) + "\n" + json.dumps({"image": "a.png"}))
+    args = [a.format(png=png, small=small, dir=tmp_path, batch=batch) for a in args]
+    assert main(["classify", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_classify_command_ranks_and_writes_json(tmp_path, capsys):
+    from PIL import Image
+
+    from ldm_nodes.__main__ import main
+    from ldm_nodes.core.data import COLOR_RGB
+    image = Image.new("RGB", (32, 32), COLOR_RGB["yellow"])
+    image.paste(COLOR_RGB["blue"], (6, 6, 26, 26))
+    image.save(tmp_path / "blue.png")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"image": "blue.png", "prompts": PROMPTS[::-1]}) + "\n")
+    out = tmp_path / "out.json"
+    model = "builtin/tiny-shapes-pixel.safetensors"
+    assert main(["classify", "--batch", str(tmp_path / "q.jsonl"), "--model", model, "--steps", "8",
+                 "--json", str(out)]) == 0
+    stdout, err = capsys.readouterr()
+    assert "network calls" in err and "bits/dim" in stdout
+    report = json.loads(out.read_text())
+    assert report["model"] == model and len(report["images"]) == 1
+    row = report["images"][0]
+    assert row["image"] == str(tmp_path / "blue.png") and row["prompts"] == PROMPTS[::-1]
+    assert len(row["bounds"]) == 2 and all(math.isfinite(b) for b in row["bounds"])
+    assert row["ranking"] == sorted(row["prompts"], key=lambda p: row["bounds"][row["prompts"].index(p)])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ldm_nodes.core.autoencoder import IdentityAutoencoder
-from ldm_nodes.core.classify import classify, classify_bound
+from ldm_nodes.core.classify import classify, classify_bound, encode_candidates
 from ldm_nodes.core.pipeline import DiffusionModel, likelihood
 from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.unet import UNetConfig, UNetModel
@@ -173,3 +173,20 @@ def test_classify_command_ranks_and_writes_json(tmp_path, capsys):
     assert row["image"] == str(tmp_path / "blue.png") and row["prompts"] == PROMPTS[::-1]
     assert len(row["bounds"]) == 2 and all(math.isfinite(b) for b in row["bounds"])
     assert row["ranking"] == sorted(row["prompts"], key=lambda p: row["bounds"][row["prompts"].index(p)])
+
+
+def test_node_answers_the_core_s_best_prompt_with_a_plot():
+    from ldm_nodes.nodes import LDMClassify, LDMLoadModel
+    model, text_encoder, vae = LDMLoadModel().load("builtin/tiny-shapes-pixel.safetensors", "auto")
+    image = torch.zeros(2, 32, 32, 3)
+    image[..., :2] = 0.9
+    prompts = PROMPTS + [p.replace("circle", "square") for p in PROMPTS]
+    best, plot = LDMClassify().classify(image, model, text_encoder, vae, "\n" + "\n".join(prompts) + "\n\n", 4, 9)
+    contexts = encode_candidates(text_encoder.get(), prompts)
+    expected = classify(model.get(), vae.get(), image[:1], contexts, 4, 9)
+    assert best == prompts[expected.ranking[0]]
+    assert plot.shape == (1, 400, 640, 3) and plot.dtype == torch.float32 and 0 <= plot.min() and plot.max() <= 1
+    with pytest.raises(ValueError, match="prompts: the same prompt is given twice"):
+        LDMClassify().classify(image, model, text_encoder, vae, "a\na", 4, 9)
+    with pytest.raises(ValueError, match="prompts: classification needs at least 2"):
+        LDMClassify().classify(image, model, text_encoder, vae, "a\n", 4, 9)

@@ -193,7 +193,7 @@ def test_api_workflow_runs_headless(name, models_dir, tmp_path):
     pixels = []
     for path in sorted(expected):
         with Image.open(path) as image:
-            assert image.size == ((640, 400) if name == "likelihood" else (64, 64)) and image.mode == "RGB"
+            assert image.size == ((640, 400) if name in ("likelihood", "classify") else (64, 64)) and image.mode == "RGB"
             assert json.loads(image.info["prompt"]) == prompt
             assert json.loads(image.info["workflow"]) == ui(name)
             pixels.append(torch.from_numpy(np.asarray(image).copy()))

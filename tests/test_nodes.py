@@ -92,6 +92,12 @@ CONTRACT = {
         "optional": [],
         "outputs": [("SAMPLER", "SAMPLER")],
     },
+    "LDMClassify": {
+        "required": [("image", "IMAGE"), ("model", "LDM_MODEL"), ("text_encoder", "LDM_TEXT_ENCODER"),
+                     ("vae", "LDM_VAE"), ("prompts", "STRING"), ("steps", "INT"), ("seed", "INT")],
+        "optional": [],
+        "outputs": [("best_prompt", "STRING"), ("plot", "IMAGE")],
+    },
 }
 
 

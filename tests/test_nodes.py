@@ -195,7 +195,7 @@ def test_every_node_and_input_is_documented(node):
     tips = getattr(cls, "OUTPUT_TOOLTIPS", ())
     assert len(tips) == len(cls.RETURN_TYPES) and all(isinstance(t, str) and t.strip() for t in tips)
     for kind in cls.RETURN_TYPES:
-        assert kind in ("LATENT", "IMAGE", "SIGMAS", "SAMPLER", "FLOAT") or kind.startswith("LDM_"), \
+        assert kind in ("LATENT", "IMAGE", "SIGMAS", "SAMPLER", "FLOAT", "STRING") or kind.startswith("LDM_"), \
             f"{node} returns {kind}"
 
 

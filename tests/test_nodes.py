@@ -220,7 +220,7 @@ sys.meta_path.insert(0, Block())
 import ldm_nodes, ldm_nodes.runner, ldm_nodes.routes
 from ldm_nodes.nodes import host
 assert not host.in_comfyui()
-assert len(ldm_nodes.NODE_CLASS_MAPPINGS) == 9
+assert len(ldm_nodes.NODE_CLASS_MAPPINGS) == 10
 left = sorted(m for m in sys.modules if m.split('.')[0] in HOST)
 assert not left, left
 print('imported')

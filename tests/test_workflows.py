@@ -40,7 +40,7 @@ def is_ui_format(data):
 
 
 def test_the_shipped_workflows():
-    assert {"txt2img", "img2img", "schedule_comparison", "inpaint", "likelihood"} <= set(NAMES)
+    assert {"txt2img", "img2img", "schedule_comparison", "inpaint", "likelihood", "classify", "trajectory"} <= set(NAMES)
     assert nodes_of(api("likelihood"), "LDMLikelihood")
 
 
@@ -187,7 +187,9 @@ def test_api_workflow_runs_headless(name, models_dir, tmp_path):
     written = runner.run(prompt, out_dir=out, input_dir=INPUT, workflow=ui(name))
     saves = nodes_of(prompt, "SaveImage")
     assert saves
-    expected = {out / f"{node['inputs']['filename_prefix']}_00001_.png" for node in saves.values()}
+    frames = {"ldm_trajectory": 10}  # the trajectory's save: one image per sampling step
+    expected = {out / f"{prefix}_{k:05}_.png" for prefix in (node["inputs"]["filename_prefix"] for node in saves.values())
+                for k in range(1, frames.get(prefix, 1) + 1)}
     assert sorted(map(Path, written)) == sorted(expected)
     assert sorted(p for p in out.rglob("*") if p.is_file()) == sorted(expected)
     pixels = []

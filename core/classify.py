@@ -30,6 +30,7 @@ import torch
 from .autoencoder import placement
 from .errors import InputError
 from .likelihood import UNITS, _check_context, _check_schedule, _check_x0, bound_terms, noise_draws, strided_timesteps
+from .memory import available_memory, estimate_peak
 from .objective import prior_kl, q_sample
 from .pipeline import bound_data, counted_network, encode_text
 
@@ -118,6 +119,18 @@ def encode_candidates(text_encoder, prompts):
     return torch.cat(contexts)
 
 
+def pairs_per_call(network, shape, context_tokens, most=256):
+    """How many (candidate, timestep) pairs one network call takes: `most`, halved until core/memory.py's
+    estimate of the call's peak (its "sample" stage runs 2 x the batch it is given) fits in half the memory
+    available on the network's device."""
+    available, _ = available_memory(placement(network)[0])
+    batch = most
+    while batch > 1 and available is not None and estimate_peak(
+            "sample", network, (math.ceil(batch / 2), *shape[1:]), context_tokens=context_tokens) > available / 2:
+        batch //= 2
+    return batch
+
+
 def classify(model, vae, image, contexts, steps=DEFAULT_STEPS, seed=0, variance="beta_tilde", progress=None):
     """Classify IMAGE [1, H, W, 3] in 0..1 among the prompts encoded in `contexts` [N, L, D] under a
     DiffusionModel (pixel or latent; the data is core/pipeline.bound_data's). steps: K shared timesteps
@@ -130,7 +143,7 @@ def classify(model, vae, image, contexts, steps=DEFAULT_STEPS, seed=0, variance=
     if len(x0) != 1:
         raise ValueError(f"image: classify one image at a time, got a batch of {len(x0)}")
     device, _ = placement(model.network)
-    batch = 256
+    batch = pairs_per_call(model.network, x0.shape, contexts.shape[1])
     network = counted_network(model, math.ceil((steps + 1) / max(1, batch // len(contexts))), progress)
     with torch.inference_mode():
         return classify_bound(network, x0.float().to(device), contexts.to(device), model.schedule, steps,

@@ -190,3 +190,15 @@ def test_node_answers_the_core_s_best_prompt_with_a_plot():
         LDMClassify().classify(image, model, text_encoder, vae, "a\na", 4, 9)
     with pytest.raises(ValueError, match="prompts: classification needs at least 2"):
         LDMClassify().classify(image, model, text_encoder, vae, "a\n", 4, 9)
+
+
+def test_pairs_per_call_shrink_to_the_memory_available(monkeypatch):
+    from ldm_nodes.core import classify as module
+    from ldm_nodes.core.memory import estimate_peak
+    network = pixel_model().network
+    shape = (1, 3, 32, 32)
+    fits_16 = estimate_peak("sample", network, (16, 3, 32, 32), context_tokens=77)  # a call of 32 pairs
+    monkeypatch.setattr(module, "available_memory", lambda device: (2 * fits_16, "test"))
+    assert module.pairs_per_call(network, shape, 77) == 32
+    monkeypatch.setattr(module, "available_memory", lambda device: (None, "test"))
+    assert module.pairs_per_call(network, shape, 77) == 256

@@ -1,5 +1,6 @@
 """`python -m ldm_nodes classify`: which of several prompts a model finds most likely for an image, by the
 variational bound under each (core/classify.py)."""
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ def add_parser(commands):
 
     parser = commands.add_parser(
         "classify", help="zero-shot classification: rank candidate prompts by the image's bound under each",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Score each image under each candidate prompt with DDPM's variational bound at the same "
                     "timesteps and noise for every prompt (Li et al. 2023); the lowest bound is the model's answer. "
                     "Prints, per image, the prompts best first with their bound and the difference to the best "
@@ -20,7 +22,8 @@ def add_parser(commands):
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                         help="a candidate prompt (repeat, at least 2), the same for every IMAGE")
     parser.add_argument("--batch", metavar="FILE.jsonl",
-                        help='one image per line with its own candidates: {"image": path, "prompts": [...]}')
+                        help='one image per line with its own candidates: {"image": path, "prompts": [...]}; a '
+                             "relative path is taken from the file's folder")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="a builtin/ model name or a .safetensors file's path (default: the built-in shapes UNet)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,

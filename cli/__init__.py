@@ -5,9 +5,9 @@ and `run(args) -> exit status`. Heavy imports happen inside `run`, so `--help` a
 no torch import."""
 import argparse
 
-from . import errors, nll, run, train
+from . import classify, errors, nll, run, train
 
-COMMANDS = {"train": train, "run": run, "nll": nll}
+COMMANDS = {"train": train, "run": run, "nll": nll, "classify": classify}
 
 
 def main(argv=None):

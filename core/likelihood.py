@@ -139,7 +139,7 @@ def variational_bound(network, x0, schedule, prediction="eps", context=None, var
         if isinstance(timesteps, bool) or not isinstance(timesteps, int) or not 2 <= timesteps <= T - 1:
             raise ValueError(f"timesteps: the strided estimate needs an integer K with 2 <= K <= T - 1 = {T - 1} "
                              f"(K = 1 has no standard error), got {timesteps!r}; None evaluates all timesteps")
-        index = torch.randint(1, T, (b, timesteps), generator=generator)  # drawn for each image
+        index = strided_timesteps(b, T, timesteps, generator)
     evaluated = torch.cat([index.new_zeros(b, 1), index], 1)  # L_0 first
 
     work = torch.float32 if x0.device.type == "mps" else torch.float64
@@ -149,7 +149,7 @@ def variational_bound(network, x0, schedule, prediction="eps", context=None, var
         chunk = evaluated[:, start:start + per_call]
         n = chunk.shape[1]
         # one draw per column of timesteps, so the stream does not depend on how they are chunked
-        eps = torch.stack([torch.randn(x0.shape, generator=generator, dtype=work) for _ in range(n)])
+        eps = noise_draws(x0.shape, n, generator, work)
         xs = x0.unsqueeze(0).expand(n, *x0.shape).reshape(n * b, *x0.shape[1:])
         i = chunk.T.flatten()  # row j * b + image, as xs and eps
         x_t = q_sample(xs.to(work), alpha_bar.to(work)[i].to(x0.device), eps.to(x0.device).flatten(0, 1))
@@ -172,6 +172,16 @@ def variational_bound(network, x0, schedule, prediction="eps", context=None, var
                             timesteps=index.contiguous(), prior=prior, decoder=decoder,
                             standard_error=None if standard_error is None else standard_error / per_unit,
                             dims=dims)
+
+
+def strided_timesteps(b, T, K, generator):
+    """K of t = 2..T for each of b images, drawn independently and uniformly: array indices [b, K] in 1..T-1."""
+    return torch.randint(1, T, (b, K), generator=generator)
+
+
+def noise_draws(shape, n, generator, dtype):
+    """n noise tensors shaped like x0 [n, *shape], drawn one after the other (one per column of timesteps)."""
+    return torch.stack([torch.randn(shape, generator=generator, dtype=dtype) for _ in range(n)])
 
 
 def _check_schedule(schedule, prediction):

@@ -283,14 +283,8 @@ def _likely_cause(latent, dtype, cfg):
     return f"the sampler diverged with finite weights and inputs in {str(dtype).removeprefix('torch.')}; try another sampler or more steps"
 
 
-def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, seed=0, progress=None):
-    """The variational bound of each image of IMAGE [B, H, W, 3] in 0..1 (core/likelihood.py).
-
-    Pixel-space models score the 8-bit image itself (bits/dim, L_0 the discretised decoder); latent
-    models score the scaled posterior-mean latent, scale * E(x).mode() (nats per latent dimension).
-    context: [1, L, D], default the empty prompt. steps: 0 evaluates all T timesteps, K >= 2 a strided
-    estimate with its standard error. seed: the noise draws. progress(done, total) is called per
-    network call. Returns a VariationalBound."""
+def check_bound_image(model, vae, image):
+    """Refuse an image (IMAGE [B, H, W, 3]) or a model that has no bound, before any work."""
     if image.ndim != 4 or image.shape[-1] != 3:
         raise ValueError(f"image: expected [batch, height, width, 3] (RGB), got {list(image.shape)}")
     height, width = image.shape[1:3]
@@ -307,27 +301,52 @@ def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, 
     if not hasattr(model.schedule, "num_timesteps"):
         raise ValueError("model: has no known training schedule, and the bound needs the alpha_bar it was "
                          "trained with")
-    T = model.schedule.num_timesteps
-    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == 0 or 2 <= steps <= T - 1):
-        raise ValueError(f"steps: 0 (all {T} timesteps) or a strided estimate of 2..{T - 1}, got {steps!r}")
-    device, dtype = placement(model.network)
+
+
+def bound_data(model, vae, image):
+    """The data x0 [B, C, h, w] (float64) whose bound the model gives, from IMAGE [B, H, W, 3] in 0..1: pixel
+    models the 8-bit image itself in [-1, 1], latent models the scaled posterior-mean latent, scale * E(x).mode()."""
+    check_bound_image(model, vae, image)
     if model.pixel_space:
-        x0 = ((image.double() * 255).round() / 127.5 - 1).movedim(-1, 1)  # the 8-bit grid L_0 expects
-    else:
-        x0 = encode_image(vae, image).double() * model.scale_factor
-    context = model.empty_context if context is None else context
-    batch = 64
-    calls = [0, math.ceil((T if steps == 0 else steps + 1) / max(1, batch // len(x0)))]
+        return ((image.double() * 255).round() / 127.5 - 1).movedim(-1, 1)  # the 8-bit grid L_0 expects
+    return encode_image(vae, image).double() * model.scale_factor
+
+
+def counted_network(model, calls, progress=None):
+    """model.network as the bound calls it, network(x, t, context), in the model's dtype and device, returning
+    float32; progress(done, calls) after each call."""
+    device, dtype = placement(model.network)
+    done = [0]
 
     net = cpu_layout(model.network)
 
     def network(x, t, c):
         out = net(x.to(dtype), t, c.to(device, dtype)).float()
-        calls[0] += 1
+        done[0] += 1
         if progress:
-            progress(calls[0], calls[1])
+            progress(done[0], calls)
         return out
 
+    return network
+
+
+def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, seed=0, progress=None):
+    """The variational bound of each image of IMAGE [B, H, W, 3] in 0..1 (core/likelihood.py).
+
+    Pixel-space models score the 8-bit image itself (bits/dim, L_0 the discretised decoder); latent
+    models score the scaled posterior-mean latent, scale * E(x).mode() (nats per latent dimension).
+    context: [1, L, D], default the empty prompt. steps: 0 evaluates all T timesteps, K >= 2 a strided
+    estimate with its standard error. seed: the noise draws. progress(done, total) is called per
+    network call. Returns a VariationalBound."""
+    check_bound_image(model, vae, image)
+    T = model.schedule.num_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == 0 or 2 <= steps <= T - 1):
+        raise ValueError(f"steps: 0 (all {T} timesteps) or a strided estimate of 2..{T - 1}, got {steps!r}")
+    device, _ = placement(model.network)
+    x0 = bound_data(model, vae, image)
+    context = model.empty_context if context is None else context
+    batch = 64
+    network = counted_network(model, math.ceil((T if steps == 0 else steps + 1) / max(1, batch // len(x0))), progress)
     with torch.inference_mode():
         return variational_bound(network, x0.float().to(device), model.schedule, model.prediction, context.to(device),
                                  variance, discrete=model.pixel_space, timesteps=steps or None,

@@ -3,7 +3,8 @@
 Drawn with Pillow alone: the per-timestep terms L_{t-1} (t = 2..T) of a VariationalBound against t on a
 log scale, L_0 at t = 1 in another color, and the total with its parts in the title. Values are per
 dimension, in the bound's unit (bits/dim for pixels, nats/dim for latents), so the terms add up to the
-total (all timesteps) or, times (T - 1) / K, estimate it (strided).
+total (all timesteps) or, times (T - 1) / K, estimate it (strided). plot_classification draws candidate
+prompts ranked by their bound (core/classify.py), plot_training a run's curves.
 """
 import math
 
@@ -13,6 +14,19 @@ from PIL import Image, ImageDraw, ImageFont
 WIDTH, HEIGHT = 640, 400
 LEFT, RIGHT, TOP, BOTTOM = 56, 16, 62, 40
 TERM_COLOR, DECODER_COLOR, AXIS_COLOR, GRID_COLOR = (40, 90, 200), (210, 60, 40), (30, 30, 30), (225, 225, 225)
+
+
+def axes(draw, font, box, y_ticks, x_ticks):
+    """A plot's frame: box (x0, y0, x1, y1), a grid line and label at each (y, label) of y_ticks, a tick and
+    label under the box at each (x, label) of x_ticks."""
+    x0, y0, x1, y1 = box
+    for y, label in y_ticks:
+        draw.line([(x0, y), (x1, y)], fill=GRID_COLOR)
+        draw.text((x0 - 6, y), label, fill=AXIS_COLOR, font=font, anchor="rm")
+    for x, label in x_ticks:
+        draw.line([(x, y1), (x, y1 + 4)], fill=AXIS_COLOR)
+        draw.text((x, y1 + 6), label, fill=AXIS_COLOR, font=font, anchor="mt")
+    draw.rectangle([x0, y0, x1, y1], outline=AXIS_COLOR)
 
 
 def per_dim(bound):
@@ -48,16 +62,8 @@ def plot_bound(bound):
         v = min(max(math.log10(value), low), high) if value > 0 else low
         return x, y1 - (y1 - y0) * (v - low) / (high - low)
 
-    for decade in range(low, high + 1):
-        _, y = px(1, 10.0 ** decade)
-        draw.line([(x0, y), (x1, y)], fill=GRID_COLOR)
-        draw.text((x0 - 6, y), f"1e{decade}", fill=AXIS_COLOR, font=font, anchor="rm")
-    for k in range(5):
-        tt = 1 + (t_max - 1) * k / 4
-        x, _ = px(tt, 1)
-        draw.line([(x, y1), (x, y1 + 4)], fill=AXIS_COLOR)
-        draw.text((x, y1 + 6), f"{tt:.0f}", fill=AXIS_COLOR, font=font, anchor="mt")
-    draw.rectangle([x0, y0, x1, y1], outline=AXIS_COLOR)
+    axes(draw, font, (x0, y0, x1, y1), [(px(1, 10.0 ** d)[1], f"1e{d}") for d in range(low, high + 1)],
+         [(px(tt, 1)[0], f"{tt:.0f}") for tt in (1 + (t_max - 1) * k / 4 for k in range(5))])
 
     points = [px(a, b) for a, b in zip(t, terms)]
     if T is not None and len(points) > 1:
@@ -122,4 +128,42 @@ def plot_training(history):
         latest = f": {rows[-1][1]:.4g} at step {rows[-1][0]}" if rows else ""
         draw.text((x0, y0 - 20), title + latest, fill=AXIS_COLOR, font=font)
         draw.text(((x0 + x1) / 2, y1 + 22), "step", fill=AXIS_COLOR, font=font, anchor="mm")
+    return image
+
+
+BEST_COLOR = (40, 150, 60)
+
+
+def plot_classification(result, prompts):
+    """Candidates ranked by their bound (a core/classify.Classification) as an RGB PIL image: one row per
+    prompt, best first, a dot at its bound minus the best's and a bar of +- 2 standard errors of that paired
+    difference (the best, in green, at 0); the prompt under its row."""
+    rows = len(prompts)
+    height = max(HEIGHT, TOP + BOTTOM + 34 * rows)
+    row_height = min(60, (height - TOP - BOTTOM) / rows)
+    best = float(result.bounds[result.ranking[0]])
+    gaps = [float(result.bounds[c]) - best for c in result.ranking]
+    errors = [2 * float(result.standard_error[c]) for c in result.ranking]
+    high = max([g + e for g, e in zip(gaps, errors)] + [1e-6]) * 1.05
+    image = Image.new("RGB", (WIDTH, height), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    x0, x1, y0, y1 = LEFT, WIDTH - RIGHT, TOP, height - BOTTOM
+
+    def px(value):
+        return x0 + 8 + (x1 - x0 - 16) * value / high
+
+    axes(draw, font, (x0, y0, x1, y1), [], [(px(high * k / 4), f"{high * k / 4:.3g}") for k in range(5)])
+    for rank, (c, gap, error) in enumerate(zip(result.ranking, gaps, errors)):
+        y = y0 + row_height * rank + 12
+        color = BEST_COLOR if rank == 0 else TERM_COLOR
+        draw.text((x0 - 6, y), f"{rank + 1}", fill=AXIS_COLOR, font=font, anchor="rm")
+        if error > 0:
+            draw.line([(px(max(gap - error, 0)), y), (px(gap + error), y)], fill=color, width=2)
+        draw.ellipse([px(gap) - 4, y - 4, px(gap) + 4, y + 4], fill=color)
+        draw.text((x0 + 8, y + 8), prompts[c][:90], fill=AXIS_COLOR, font=font)
+    draw.text((x0, 8), f"best: {prompts[result.ranking[0]][:80]}", fill=AXIS_COLOR, font=font)
+    draw.text((x0, 24), f"bound {best:.4f} {result.unit}, {result.terms.shape[1]} timesteps shared by the "
+                        f"{rows} prompts", fill=AXIS_COLOR, font=font)
+    draw.text(((x0 + x1) / 2, height - 14), f"bound minus the best's [{result.unit}], bars +- 2 standard errors",
+              fill=AXIS_COLOR, font=font, anchor="mm")
     return image

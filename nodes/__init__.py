@@ -1,4 +1,5 @@
 """ComfyUI node classes (V1 API): input declarations and one call into core/ each."""
+from .classify import LDMClassify
 from .latent import LDMDecodeLatent, LDMEmptyLatent, LDMEncodeImage
 from .likelihood import LDMLikelihood
 from .loader import LDMLoadModel
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "LDMDecodeLatent": LDMDecodeLatent,
     "LDMLikelihood": LDMLikelihood,
     "LDMSamplerSelect": LDMSamplerSelect,
+    "LDMClassify": LDMClassify,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -29,4 +31,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LDMDecodeLatent": "Decode Latent (LDM)",
     "LDMLikelihood": "Likelihood (LDM)",
     "LDMSamplerSelect": "Sampler Select (LDM)",
+    "LDMClassify": "Classify by Likelihood (LDM)",
 }

@@ -1,4 +1,6 @@
 """LDMSample: denoise a latent, with guidance, along a schedule."""
+import torch
+
 from ..core.eta import duration
 from ..core.memory import check_fits
 from ..core.pipeline import run_sigmas, sample
@@ -23,8 +25,12 @@ class LDMSample:
                    "`seed`, so a seed gives the same image on CPU and GPU.")
     CATEGORY = "latent diffusion"
     FUNCTION = "sample"
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The denoised latent (decode it with LDMDecodeLatent).",)
+    RETURN_TYPES = ("LATENT", "LATENT")
+    RETURN_NAMES = ("LATENT", "denoised_steps")
+    OUTPUT_TOOLTIPS = ("The denoised latent (decode it with LDMDecodeLatent).",
+                       "The model's prediction of the clean latent (x0) after each step, step by step (all "
+                       "images of the batch at step 1, then at step 2, ...): decode it with LDMDecodeLatent to "
+                       "see how the sampler forms the picture.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -75,7 +81,10 @@ class LDMSample:
         check_fits("sample", core.network, latent["samples"].shape, f, context_tokens)
         progress = host.progress(len(run) - 1)
 
+        denoised = []  # kept where they are computed; joined once at the end
+
         def callback(step):
+            denoised.append(step["denoised"])
             image = None if preview is None else preview(step["denoised"] / core.scale_factor)
             progress.update(step["i"] + 1, image)
 
@@ -86,4 +95,5 @@ class LDMSample:
                          f"about {duration(seconds)} a network call at this size (estimated), so about "
                          f"{duration(seconds * (len(run) - 1))} for {len(run) - 1} steps (twice that for a "
                          "second-order sampler)"))
-        return ({**latent, "samples": out},)
+        steps = (torch.cat(denoised).float().cpu() / core.scale_factor) if denoised else out.clone()
+        return ({**latent, "samples": out}, {"samples": steps})

@@ -93,6 +93,12 @@ CONTRACT = {
         "optional": [],
         "outputs": [("SAMPLER", "SAMPLER")],
     },
+    "LDMClassify": {
+        "required": [("image", "IMAGE"), ("model", "LDM_MODEL"), ("text_encoder", "LDM_TEXT_ENCODER"),
+                     ("vae", "LDM_VAE"), ("prompts", "STRING"), ("steps", "INT"), ("seed", "INT")],
+        "optional": [],
+        "outputs": [("best_prompt", "STRING"), ("plot", "IMAGE")],
+    },
 }
 
 
@@ -190,7 +196,7 @@ def test_every_node_and_input_is_documented(node):
     tips = getattr(cls, "OUTPUT_TOOLTIPS", ())
     assert len(tips) == len(cls.RETURN_TYPES) and all(isinstance(t, str) and t.strip() for t in tips)
     for kind in cls.RETURN_TYPES:
-        assert kind in ("LATENT", "IMAGE", "SIGMAS", "SAMPLER", "FLOAT") or kind.startswith("LDM_"), \
+        assert kind in ("LATENT", "IMAGE", "SIGMAS", "SAMPLER", "FLOAT", "STRING") or kind.startswith("LDM_"), \
             f"{node} returns {kind}"
 
 
@@ -215,7 +221,7 @@ sys.meta_path.insert(0, Block())
 import ldm_nodes, ldm_nodes.headless.runner, ldm_nodes.nodes.routes
 from ldm_nodes.nodes import host
 assert not host.in_comfyui()
-assert len(ldm_nodes.NODE_CLASS_MAPPINGS) == 9
+assert len(ldm_nodes.NODE_CLASS_MAPPINGS) == 10
 left = sorted(m for m in sys.modules if m.split('.')[0] in HOST)
 assert not left, left
 print('imported')
@@ -488,3 +494,25 @@ def test_img2img(graph):
 def test_img2img_refuses_an_image_off_the_grid(graph):
     with pytest.raises(ValueError, match="image"):
         LDMEncodeImage().encode(graph["vae"], torch.rand(1, 31, 32, 3))
+
+
+def test_sample_outputs_the_predicted_clean_latent_of_every_step(graph):
+    """denoised_steps: D(x_k, sigma_k) after each step, step-major; oracle: the core Denoiser at the start
+    (x_0 = noise * sqrt(1 + sigma_0^2) for an empty latent), and euler's last step, which lands on it."""
+    import math
+
+    from ldm_nodes.core.denoiser import Denoiser
+    model = graph["model"]
+    schedule = LDMNoiseSchedule().schedule("model", 3, "karras", False, model=model)[0]
+    latent = LDMEmptyLatent().make(graph["vae"], 32, 32, 2)[0]
+    out, steps = LDMSample().sample(model, schedule, graph["positive"], graph["negative"], latent, 5, "euler", 4.0, 1.0)
+    core = model.get()
+    assert steps["samples"].shape == (6, *out["samples"].shape[1:])
+    torch.testing.assert_close(steps["samples"][4:], out["samples"], rtol=1e-5, atol=1e-5)
+    sigmas = schedule.sigmas(core.schedule)
+    x = torch.randn(latent["samples"].shape, generator=torch.Generator().manual_seed(5)) * math.sqrt(1 + sigmas[0] ** 2)
+    denoiser = Denoiser(core.network, core.schedule, core.prediction, graph["positive"].context,
+                        graph["negative"].context, 4.0)
+    with torch.inference_mode():
+        first = denoiser(x.float(), sigmas[0]) / core.scale_factor
+    torch.testing.assert_close(steps["samples"][:2], first, rtol=1e-4, atol=1e-4)

@@ -41,7 +41,7 @@ def is_ui_format(data):
 
 
 def test_the_shipped_workflows():
-    assert {"txt2img", "img2img", "schedule_comparison", "inpaint", "likelihood"} <= set(NAMES)
+    assert {"txt2img", "img2img", "schedule_comparison", "inpaint", "likelihood", "classify", "trajectory"} <= set(NAMES)
     assert nodes_of(api("likelihood"), "LDMLikelihood")
 
 
@@ -188,13 +188,15 @@ def test_api_workflow_runs_headless(name, models_dir, tmp_path):
     written = runner.run(prompt, out_dir=out, input_dir=INPUT, workflow=ui(name))
     saves = nodes_of(prompt, "SaveImage")
     assert saves
-    expected = {out / f"{node['inputs']['filename_prefix']}_00001_.png" for node in saves.values()}
+    frames = {"ldm_trajectory": 10}  # the trajectory's save: one image per sampling step
+    expected = {out / f"{prefix}_{k:05}_.png" for prefix in (node["inputs"]["filename_prefix"] for node in saves.values())
+                for k in range(1, frames.get(prefix, 1) + 1)}
     assert sorted(map(Path, written)) == sorted(expected)
     assert sorted(p for p in out.rglob("*") if p.is_file()) == sorted(expected)
     pixels = []
     for path in sorted(expected):
         with Image.open(path) as image:
-            assert image.size == ((640, 400) if name == "likelihood" else (64, 64)) and image.mode == "RGB"
+            assert image.size == ((640, 400) if name in ("likelihood", "classify") else (64, 64)) and image.mode == "RGB"
             assert json.loads(image.info["prompt"]) == prompt
             assert json.loads(image.info["workflow"]) == ui(name)
             pixels.append(torch.from_numpy(np.asarray(image).copy()))

@@ -26,7 +26,7 @@ from ldm_nodes.core.checkpoint import load_checkpoint
 from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, ScheduleSpec, decode_latent, sample
 from ldm_nodes.core.text import CLIPTokenizer, encode_prompt
 from ldm_nodes.core.unet import UNetModel
-from ldm_nodes.model_paths import model_file
+from ldm_nodes.nodes.model_paths import model_file
 from ldm_nodes.tools.randomise import randomise
 from speed import SD15_UNET
 

@@ -23,7 +23,7 @@ from ldm_nodes.core.checkpoint import load_checkpoint
 from ldm_nodes.core.classify import DEFAULT_STEPS, classify, encode_candidates
 from ldm_nodes.core.pipeline import DiffusionModel, TextEncoder
 from ldm_nodes.core.text import CLIPTokenizer
-from ldm_nodes.model_paths import model_file
+from ldm_nodes.nodes.model_paths import model_file
 from ldm_nodes.tools.other_scenes import questions
 
 

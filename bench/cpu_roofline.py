@@ -30,7 +30,7 @@ from ldm_nodes.core.accel import fast_network
 from ldm_nodes.core.checkpoint import load_checkpoint
 from ldm_nodes.core.images import read_image
 from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, ScheduleSpec, likelihood, sample
-from ldm_nodes.model_paths import model_file
+from ldm_nodes.nodes.model_paths import model_file
 
 PACK = Path(__file__).resolve().parent.parent
 CONVS = ((320, 64), (640, 32), (128, 16), (64, 16))  # (channels, side) of a 3x3 conv at batch 2

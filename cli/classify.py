@@ -78,10 +78,10 @@ def _questions(args):
 
 def _check(args):
     """Every check that needs no weights: flags, the model's header, the images' headers, the output path."""
-    from ..__main__ import _check_image_header
     from ..core.checkpoint import read_header
     from ..core.errors import InputError
-    from ..model_paths import model_file
+    from ..core.images import check_image_file
+    from ..nodes.model_paths import model_file
 
     if not 0 <= args.seed < 2**64:
         raise InputError("--seed", f"must be in [0, 2^64 - 1], got {args.seed}")
@@ -98,7 +98,7 @@ def _check(args):
         raise InputError("--steps", f"{args.steps}: 2..{T - 1} timesteps for this model (T = {T})")
     resolution = header.metadata.get("training", {}).get("resolution")
     for image, _ in questions:
-        _check_image_header(image, resolution)
+        check_image_file(image, resolution)
     return path, questions
 
 

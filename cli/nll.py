@@ -35,7 +35,7 @@ def run(args):
 
     from ..core.checkpoint import load_checkpoint, read_header
     from ..core.errors import InputError
-    from ..core.images import read_image
+    from ..core.images import check_image_file, read_image
     from ..core.pipeline import DiffusionModel, likelihood
     from ..core.progress import TextProgress
     from ..core.text import CLIPTokenizer, encode_prompt
@@ -65,7 +65,7 @@ def run(args):
             raise ValueError(f"--steps: 0 (all {T} timesteps) or a strided estimate of 2..{T - 1}, got {args.steps}")
         resolution = header.metadata.get("training", {}).get("resolution")
         for image in args.images:
-            _check_image_header(image, resolution)
+            check_image_file(image, resolution)
         checkpoint = load_checkpoint(path, device=device)
         model = DiffusionModel.from_checkpoint(checkpoint)
         context = None
@@ -108,18 +108,3 @@ def run(args):
         print(json.dumps({"unit": unit, "model": args.model, "prompt": args.prompt or "", "variance": args.variance,
                           "steps": args.steps, "seed": args.seed, "images": results}, indent=1))
     return 0
-
-
-def _check_image_header(path, resolution):
-    """Refuse from the image file's header, before decoding it: transparency, or a size other than the
-    model's training size (when its file says)."""
-    from ..core.images import open_image
-
-    with open_image(path) as image:
-        if "A" in image.getbands() or "transparency" in image.info:
-            raise ValueError(f"{path}: mode {image.mode} has transparency; the bound is defined for RGB images "
-                             "(convert it to RGB without alpha first)")
-        width, height = image.size
-        if resolution and (width, height) != (resolution, resolution):
-            raise ValueError(f"{path}: {width}x{height}, but this model was trained on {resolution}x{resolution} "
-                             "images; resize it")

@@ -75,3 +75,16 @@ def _alpha(image):
     if "transparency" in image.info:
         return np.asarray(image.convert("RGBA").getchannel("A"), dtype=np.float32) / 255
     return None
+
+
+def check_image_file(path, resolution):
+    """For a bound of the image (nll, classify): refuse from the file's header, before decoding it,
+    transparency, or a size other than the model's training size (when its file says)."""
+    with open_image(path) as image:
+        if "A" in image.getbands() or "transparency" in image.info:
+            raise ValueError(f"{path}: mode {image.mode} has transparency; the bound is defined for RGB images "
+                             "(convert it to RGB without alpha first)")
+        width, height = image.size
+        if resolution and (width, height) != (resolution, resolution):
+            raise ValueError(f"{path}: {width}x{height}, but this model was trained on {resolution}x{resolution} "
+                             "images; resize it")

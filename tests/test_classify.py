@@ -142,7 +142,7 @@ def write_png(path, size, mode="RGB"):
     (["--batch", "{batch}", "{png}"], "--batch: takes the images and prompts from the file"),
 ])
 def test_classify_command_refuses_bad_input_in_one_line_before_loading(args, message, tmp_path, capsys, never_load):
-    from ldm_nodes.__main__ import main
+    from ldm_nodes.cli import main
     png, small = write_png(tmp_path / "a.png", 64), write_png(tmp_path / "small.png", 16)
     batch = tmp_path / "q.jsonl"
     batch.write_text(json.dumps({"image": "a.png", "prompts": ["a", "b"]}) + "\n" + json.dumps({"image": "a.png"}))
@@ -155,7 +155,7 @@ def test_classify_command_refuses_bad_input_in_one_line_before_loading(args, mes
 def test_classify_command_ranks_and_writes_json(tmp_path, capsys):
     from PIL import Image
 
-    from ldm_nodes.__main__ import main
+    from ldm_nodes.cli import main
     from ldm_nodes.core.data import COLOR_RGB
     image = Image.new("RGB", (32, 32), COLOR_RGB["yellow"])
     image.paste(COLOR_RGB["blue"], (6, 6, 26, 26))

@@ -17,7 +17,7 @@ from ldm_nodes.tools.evaluation import BANDS, band_losses, scenes
 from ldm_nodes.tools.goldens import FP32, IMAGES as GOLDENS, image_path, recorded_nll, txt2img as txt2img_file
 from ldm_nodes.tools.scene_analysis import analyse
 
-PACK = Path(model_paths.__file__).resolve().parent
+PACK = Path(model_paths.__file__).resolve().parent.parent
 MODEL = "builtin/tiny-shapes.safetensors"
 TRANSFORMER = "builtin/tiny-shapes-transformer.safetensors"
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .accel import cpu_layout, fast_network, gpu_layout
+from .accel import cpu_layout, fast_network, gpu_layout, run_fp32
 from .autoencoder import TILE_ABOVE, IdentityAutoencoder, placement
 from .denoiser import Denoiser
 from .errors import InputError
@@ -243,7 +243,8 @@ def sample(model, latent, positive, negative, *, seed, sigmas, sampler_name, cfg
 def _estimate_call(model, cond, uncond, cfg, guidance_rescale, sigma, shape, on_estimate):
     """on_estimate(seconds of one guided network call on a latent of `shape`), from small trial calls of
     the same network, guidance and contexts (an inpainting model's extra channels as zeros)."""
-    trial = Denoiser(fast_network(model.network), model.schedule, model.prediction, cond, uncond, cfg, guidance_rescale)
+    network = lambda x, t, context: run_fp32(model.network, x, t, context)  # eager: no CUDA graphs of trial sizes
+    trial = Denoiser(network, model.schedule, model.prediction, cond, uncond, cfg, guidance_rescale)
     param = next(model.network.parameters())
     seconds = call_seconds(lambda x: trial(x, sigma), shape[0], model.in_channels, shape[2], shape[3], param.device)
     if seconds is not None:

@@ -10,7 +10,7 @@ Public API
     run(prompt, registry=None, ...)         validate, then execute; returns the image files written. Many runs
                                             in one process share the imports and torch's warm-up (README)
     default_registry()                      this pack's NODE_CLASS_MAPPINGS plus STAND_INS
-    STAND_INS                               SaveImage, PreviewImage, LoadImage (standins.py)
+    STAND_INS                               the seven ComfyUI core nodes a headless run may use (standins.py)
     progress(value, total)                  the progress hook for nodes: a no-op unless `run` is running one
     device() / set_device(name)             the torch device nodes should use headless (default "cpu")
     WorkflowError                           any problem reported to the user; its subclasses:
@@ -21,7 +21,8 @@ validation.py; the UI format's conversion in ui_workflow.py; the variables of Sa
 (%NODE.WIDGET%, %date:...%, %width%, %year%, ...) in save_names.py. Not supported: lazy inputs (all are
 evaluated), INPUT_IS_LIST / OUTPUT_IS_LIST, async node functions.
 
-The stand-ins for ComfyUI's core nodes (SaveImage, PreviewImage, LoadImage) are in standins.py.
+The stand-ins for ComfyUI's core nodes (SaveImage, PreviewImage, LoadImage and four mask nodes) are in
+standins.py.
 
 Host: importing the runner makes it the nodes' host (nodes/host.py): their device is the one
 `set_device` chose, and a node's progress shows on stderr while `run` executes it as

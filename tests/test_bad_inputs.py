@@ -709,7 +709,7 @@ def test_the_flop_fit_matches_a_direct_count_at_a_size_it_did_not_try():
     context = torch.randn(2, 77, 16)
     call = lambda x: unet(x, torch.full((len(x),), 500.0), context)
     with torch.inference_mode():
-        fitted, _, _ = eta.fitted_flops(call, 2, 4, 40, 56)
+        fitted = eta.fitted_flops(call, 2, 4)(40 * 56)
         with FlopCounterMode(display=False, custom_mapping=eta.EXTRA_COUNTS) as counter:
             call(torch.zeros(2, 4, 40, 56))
     assert counter.get_total_flops() > 0 and fitted == pytest.approx(counter.get_total_flops(), rel=1e-9)

@@ -15,7 +15,7 @@ stand-ins):
   PrimitiveNode gives its value to the widgets it is linked to.
 - Muted nodes (mode 2) are left out, and links from them with them; bypassed nodes (mode 4) pass
   each output on from their input of the same type (the same slot first), as the frontend does.
-- Subgraphs (frontend 1.24 and later: workflow["definitions"]["subgraphs"]) are expanded as the
+- Subgraphs (workflow["definitions"]["subgraphs"], frontends since 2025) are expanded as the
   frontend's graphToPrompt expands them: inner nodes get instance-path ids ("9:2", nested "10:9:2"),
   subgraph inputs and outputs are followed through, widgets promoted to the instance give their values,
   a muted or bypassed instance is treated like a muted or bypassed node (see "subgraphs" below).
@@ -32,7 +32,7 @@ CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 DROPPED = {"Note", "MarkdownNote"}
 MUTED, BYPASSED = 2, 4
 SUBGRAPH_INPUT, SUBGRAPH_OUTPUT = -10, -20  # the ids of a subgraph definition's input and output nodes
-VALUE = object()  # marks a PrimitiveNode's value among (node id, slot) sources
+VALUE = object()  # marks a value (a PrimitiveNode's, a promoted widget's) among (node id, slot) sources
 
 
 def is_ui_workflow(data):
@@ -72,7 +72,7 @@ def ui_to_api(workflow, registry):
 
 
 # ----------------------------------------------------------------------------- subgraphs
-# A subgraph (frontend 1.24 and later) is a graph of its own in workflow["definitions"]["subgraphs"]; a node
+# A subgraph (frontends since 2025; 1.27.10, ComfyUI 0.3.64's own, makes them) is a graph of its own in workflow["definitions"]["subgraphs"]; a node
 # whose type is a definition's id is an instance of it. Inside a definition, links from node -10 (its input
 # node) read the instance's inputs by slot, and links into node -20 (its output node) are the instance's
 # outputs. As the frontend's graphToPrompt (ExecutableNodeDTO) does, an instance's nodes get the ids of the

@@ -15,7 +15,7 @@ stand-ins):
   PrimitiveNode gives its value to the widgets it is linked to.
 - Muted nodes (mode 2) are left out, and links from them with them; bypassed nodes (mode 4) pass
   each output on from their input of the same type (the same slot first), as the frontend does.
-- Subgraphs (frontend 1.24 and later: workflow["definitions"]["subgraphs"]) are expanded as the
+- Subgraphs (workflow["definitions"]["subgraphs"], frontends since 2025) are expanded as the
   frontend's graphToPrompt expands them: inner nodes get instance-path ids ("9:2", nested "10:9:2"),
   subgraph inputs and outputs are followed through, widgets promoted to the instance give their values,
   a muted or bypassed instance is treated like a muted or bypassed node (see "subgraphs" below).
@@ -32,7 +32,7 @@ CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 DROPPED = {"Note", "MarkdownNote"}
 MUTED, BYPASSED = 2, 4
 SUBGRAPH_INPUT, SUBGRAPH_OUTPUT = -10, -20  # the ids of a subgraph definition's input and output nodes
-VALUE = object()  # marks a PrimitiveNode's value among (node id, slot) sources
+VALUE = object()  # marks a value (a PrimitiveNode's, a promoted widget's) among (node id, slot) sources
 
 
 def is_ui_workflow(data):
@@ -49,7 +49,8 @@ def ui_to_api(workflow, registry):
     placed = list(_instances(root, definitions))
     runnable = [(scope, n) for scope, n in placed if n["type"] not in DROPPED | {"Reroute", "PrimitiveNode"}
                 and n.get("mode", 0) != MUTED]
-    unknown = [_describe(scope, n) for scope, n in runnable if n["type"] not in registry and n.get("mode", 0) != BYPASSED]
+    unknown = [_describe(scope, n) for scope, n in runnable
+               if n["type"] not in registry and n.get("mode", 0) != BYPASSED]
     if unknown:
         raise WorkflowError(f"{', '.join(unknown)}: cannot run headless; it runs this pack's nodes and the "
                             f"stand-ins {', '.join(STAND_INS)}")
@@ -72,13 +73,14 @@ def ui_to_api(workflow, registry):
 
 
 # ----------------------------------------------------------------------------- subgraphs
-# A subgraph (frontend 1.24 and later) is a graph of its own in workflow["definitions"]["subgraphs"]; a node
-# whose type is a definition's id is an instance of it. Inside a definition, links from node -10 (its input
-# node) read the instance's inputs by slot, and links into node -20 (its output node) are the instance's
-# outputs. As the frontend's graphToPrompt (ExecutableNodeDTO) does, an instance's nodes get the ids of the
-# instance path, "9:2" (node 2 in the subgraph of node 9), "10:9:2" nested; an instance input with no link
-# takes the value of the widget promoted to the instance (its widgets_values, one per input that has a
-# widget); a muted or bypassed instance leaves all its nodes out, and a bypassed one passes its inputs on.
+# A subgraph (frontends since 2025; 1.27.10, ComfyUI 0.3.64's own, makes them) is a graph of its own in
+# workflow["definitions"]["subgraphs"]; a node whose type is a definition's id is an instance of it. Inside
+# a definition, links from node -10 (its input node) read the instance's inputs by slot, and links into
+# node -20 (its output node) are the instance's outputs. As the frontend's graphToPrompt
+# (ExecutableNodeDTO) does, an instance's nodes get the ids of the instance path, "9:2" (node 2 in the
+# subgraph of node 9), "10:9:2" nested; an instance input with no link takes the value of the widget
+# promoted to the instance (its widgets_values, one per input that has a widget); a muted or bypassed
+# instance leaves all its nodes out, and a bypassed one passes its inputs on.
 
 class _Graph:
     """The nodes {id: node} and links {id: (origin id, origin slot, target id, target slot)} of the root
@@ -187,8 +189,8 @@ def _resolve_input(scope, node, entry, definitions, seen):
     if source_id == SUBGRAPH_INPUT and scope.instance is not None:
         outer = _instance_inputs(scope)
         if slot >= len(outer):
-            raise WorkflowError(f"{_describe(scope.parent, scope.instance, definitions)}: link {link_id} reads input {slot} of a "
-                                f"subgraph that has {len(outer)}")
+            where = _describe(scope.parent, scope.instance, definitions)
+            raise WorkflowError(f"{where}: link {link_id} reads input {slot} of a subgraph that has {len(outer)}")
         if outer[slot] is not None and outer[slot].get("link") is not None:
             return _resolve_input(scope.parent, scope.instance, outer[slot], definitions, seen)
         return _promoted_value(scope, slot)
@@ -225,10 +227,11 @@ def _instance_inputs(scope):
     then by name, as the frontend matches them when it loads the file."""
     entries, taken, found = scope.instance.get("inputs") or [], set(), []
     for slot in scope.graph.definition.get("inputs") or []:
-        match = next((i for i, e in enumerate(entries) if i not in taken and (e.get("name"), e.get("type")) ==
+        free = [i for i in range(len(entries)) if i not in taken]
+        match = next((i for i in free if (entries[i].get("name"), entries[i].get("type")) ==
                       (slot.get("name"), slot.get("type"))), None)
         if match is None:
-            match = next((i for i, e in enumerate(entries) if i not in taken and e.get("name") == slot.get("name")), None)
+            match = next((i for i in free if entries[i].get("name") == slot.get("name")), None)
         taken.add(match)
         found.append(None if match is None else entries[match])
     return found

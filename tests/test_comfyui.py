@@ -616,7 +616,8 @@ BROWSER_RUN = r"""
   const panels = [];
   for (const node of schedules) {
     let panel = node.ldmSchedulePanel, drawn = 0;
-    for (let waited = 0; !(panel?.series && (drawn = drawnPixels(panel.canvas)) > 300) && waited < 20000; waited += 100) {
+    const ready = () => panel?.series && (drawn = drawnPixels(panel.canvas)) > 300;
+    for (let waited = 0; !ready() && waited < 20000; waited += 100) {
       await sleep(100);
       panel = node.ldmSchedulePanel;
     }
@@ -681,7 +682,8 @@ def check_browser_results(server, version, results, errors):
     assert set(results) == {p.stem for p in UI_WORKFLOWS}
     for name, result in results.items():
         assert result["end"] == {"kind": "success", "message": None}, (version, name, result, server.log_tail())
-        assert result["back"] and all(b == {"status": 200, "png": True} for b in result["back"]), (version, name, result)
+        assert result["back"] and all(b == {"status": 200, "png": True} for b in result["back"]), \
+            (version, name, result)
         expected = sum(n["type"] == "LDMNoiseSchedule" for n in json.loads((REPO / "workflows" / f"{name}.json")
                                                                             .read_text())["nodes"])
         assert len(result["panels"]) == expected, (version, name, result)

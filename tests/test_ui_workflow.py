@@ -217,7 +217,8 @@ def test_the_subgraph_cases_cover_what_they_claim():
     assert prompts["bypassed"]["7"]["inputs"]["samples"] == ["5", 0] and "LDMSample" not in str(prompts["bypassed"])
     assert [n["class_type"] for n in prompts["muted"].values()].count("SaveImage") == 1
     muted = runner.read_json(SUBGRAPHS / "muted.json")
-    assert [n["mode"] for n in muted["nodes"] if n["type"] in {d["id"] for d in muted["definitions"]["subgraphs"]}] == [2]
+    subgraph_ids = {d["id"] for d in muted["definitions"]["subgraphs"]}
+    assert [n["mode"] for n in muted["nodes"] if n["type"] in subgraph_ids] == [2]
 
 
 @pytest.mark.parametrize("case", ["nested", "promoted", "bypassed", "muted"])

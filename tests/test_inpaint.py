@@ -253,6 +253,8 @@ def test_image_composite_masked_pastes_the_source_through_the_mask():
     assert torch.equal(out, expected) and not destination.any()
     (cut,) = ImageCompositeMasked().composite(destination, source, 6, 0, False)  # 2 columns visible
     assert cut.sum() == 4 * 2 * 3 and torch.equal(cut[:, 0:4, 6:8], torch.ones(1, 4, 2, 3))
+    (low,) = ImageCompositeMasked().composite(destination, source, 0, 6, False)  # 2 rows visible
+    assert low.sum() == 2 * 4 * 3 and torch.equal(low[:, 6:8, 0:4], torch.ones(1, 2, 4, 3))
     (soft,) = ImageCompositeMasked().composite(destination, source, 0, 0, False, torch.full((1, 4, 4), 0.25))
     assert torch.equal(soft[:, :4, :4], torch.full((1, 4, 4, 3), 0.25)) and soft[:, 4:].sum() == 0
     (resized,) = ImageCompositeMasked().composite(destination, source, 0, 0, True)

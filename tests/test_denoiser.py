@@ -126,3 +126,14 @@ def test_guidance_on_a_batch_of_three_is_each_image_guided_alone():
     for i in range(3):
         alone = Denoiser(net, SCHEDULE, "eps", cond[i:i + 1], uncond, cfg=4.0)(x[i:i + 1], 2.0)
         torch.testing.assert_close(whole[i:i + 1], alone)
+
+
+def test_guidance_rescale_uses_each_images_own_spread():
+    """std over (C, H, W) per image, eq. 15-16 of Lin et al. 2023, written out (a std over the whole
+    batch is the same at batch 1 only)."""
+    from ldm_nodes.core.denoiser import rescale_guidance
+    g = torch.Generator().manual_seed(1)
+    guided, cond = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    cond[1] *= 5  # the two images' spreads differ
+    want = torch.stack([gd * (0.7 * c.std() / gd.std() + 0.3) for gd, c in zip(guided, cond)])
+    torch.testing.assert_close(rescale_guidance(guided, cond, 0.7), want)

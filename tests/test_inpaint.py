@@ -238,6 +238,13 @@ def test_image_to_mask_and_invert_mask():
         ImageToMask().image_to_mask(image, "alpha")
 
 
+def expected_rgb(destination):
+    """destination with a 4 x 4 square of ones at x 2, y 3."""
+    out = destination.clone()
+    out[:, 3:7, 2:6] = 1
+    return out
+
+
 def test_image_composite_masked_pastes_the_source_through_the_mask():
     destination, source = torch.zeros(1, 8, 8, 3), torch.ones(1, 4, 4, 3)
     (out,) = ImageCompositeMasked().composite(destination, source, 2, 3, False)
@@ -246,6 +253,8 @@ def test_image_composite_masked_pastes_the_source_through_the_mask():
     assert torch.equal(out, expected) and not destination.any()
     (cut,) = ImageCompositeMasked().composite(destination, source, 6, 0, False)  # 2 columns visible
     assert cut.sum() == 4 * 2 * 3 and torch.equal(cut[:, 0:4, 6:8], torch.ones(1, 4, 2, 3))
+    (low,) = ImageCompositeMasked().composite(destination, source, 0, 6, False)  # 2 rows visible
+    assert low.sum() == 2 * 4 * 3 and torch.equal(low[:, 6:8, 0:4], torch.ones(1, 2, 4, 3))
     (soft,) = ImageCompositeMasked().composite(destination, source, 0, 0, False, torch.full((1, 4, 4), 0.25))
     assert torch.equal(soft[:, :4, :4], torch.full((1, 4, 4, 3), 0.25)) and soft[:, 4:].sum() == 0
     (resized,) = ImageCompositeMasked().composite(destination, source, 0, 0, True)
@@ -254,6 +263,8 @@ def test_image_composite_masked_pastes_the_source_through_the_mask():
     expected = torch.zeros(1, 8, 8, 3)
     expected[:, 4:6, 1:6] = 1
     assert torch.equal(wide, expected)
+    rgba = torch.cat([torch.ones(1, 4, 4, 3), torch.zeros(1, 4, 4, 1)], dim=-1)  # an RGBA source: its alpha dropped
+    assert torch.equal(ImageCompositeMasked().composite(destination, rgba, 2, 3, False)[0], expected_rgb(destination))
     tall = torch.zeros(1, 8, 4, 3)  # x beyond a destination narrower than it is tall: nothing pasted
     assert torch.equal(ImageCompositeMasked().composite(tall, source, 6, 0, False)[0], tall)
 

@@ -1,6 +1,6 @@
 """A sampling step of the command line on a quiet machine and next to a process that keeps every core busy.
 
-    python bench/busy_cpu.py [--steps 100] [--repeats 2]
+    python bench/busy_cpu.py [--steps 100] [--repeats 2] [--ways pack before]
 
 Runs `python -m ldm_nodes run workflows/api/txt2img.json` (the built-in model, dpmpp_2m, CFG) in fresh
 processes with LDMNoiseSchedule at --steps + 1 and at 1 step; a step is the difference over --steps, so
@@ -43,10 +43,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--ways", nargs="+", choices=["pack", "before"], default=["pack", "before"],
+                        help="which starts to time (before is slow on a busy machine)")
     args = parser.parse_args()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
     ways = {"pack": ([sys.executable, "-m", "ldm_nodes"], clean),
             "before": ([sys.executable, "-c", MAIN], dict(clean, OMP_NUM_THREADS=str(os.cpu_count())))}
+    ways = {name: ways[name] for name in args.ways}
     out = tempfile.mkdtemp(prefix="ldm_busy_")
     results = {}
     for name, (start, env) in ways.items():

@@ -202,3 +202,25 @@ def test_pairs_per_call_shrink_to_the_memory_available(monkeypatch):
     assert module.pairs_per_call(network, shape, 77) == 32
     monkeypatch.setattr(module, "available_memory", lambda device: (None, "test"))
     assert module.pairs_per_call(network, shape, 77) == 256
+
+
+def test_the_builtin_model_classifies_scenes_it_never_saw_drawn_by_another_renderer():
+    """A small bench/classify.py: scenes of tools/other_scenes.py (not the training renderer), default settings."""
+    from ldm_nodes.core.checkpoint import load_checkpoint
+    from ldm_nodes.core.classify import DEFAULT_STEPS
+    from ldm_nodes.core.pipeline import DiffusionModel, TextEncoder
+    from ldm_nodes.core.text import CLIPTokenizer
+    from ldm_nodes.model_paths import model_file
+    from ldm_nodes.tools.other_scenes import questions
+
+    checkpoint = load_checkpoint(model_file("builtin/tiny-shapes.safetensors"))
+    model = DiffusionModel.from_checkpoint(checkpoint)
+    text_encoder = TextEncoder(checkpoint.text_encoder, CLIPTokenizer())
+    right = []
+    for image, truth, candidates in questions(8, seed=7):
+        contexts = encode_candidates(text_encoder, candidates)
+        pixels = torch.from_numpy(image.copy())[None].float() / 255
+        result = classify(model, checkpoint.vae, pixels, contexts, DEFAULT_STEPS, 0)
+        right.append(candidates[result.ranking[0]] == truth)
+    assert all(right[:4]), right  # colour, 4 candidates
+    assert sum(right[4:]) >= 3, right  # shape, 3 candidates

@@ -8,6 +8,7 @@ answer is the mean the data was drawn from and the spread of a paired difference
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -224,3 +225,21 @@ def test_the_builtin_model_classifies_scenes_it_never_saw_drawn_by_another_rende
         right.append(candidates[result.ranking[0]] == truth)
     assert all(right[:4]), right  # colour, 4 candidates
     assert sum(right[4:]) >= 3, right  # shape, 3 candidates
+
+
+def test_the_other_renderer_keeps_the_grammar_s_sizes_and_places():
+    """tools/other_scenes.py's shapes span their size word's range (+- 1 px of anti-aliasing), never touch the
+    canvas edge, and lie on the side their position word names."""
+    from ldm_nodes.core.data import SIZE_SPANS
+    from ldm_nodes.tools.other_scenes import PALETTE, questions
+
+    for image, truth, _ in questions(60, seed=3):
+        words = truth.split()
+        background = PALETTE[words[-2]]
+        ys, xs = np.nonzero(np.abs(image.astype(int) - background).sum(-1) > 60)
+        low, high = SIZE_SPANS[words[1]]
+        assert low - 1 <= max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) <= high + 1, truth
+        assert xs.min() > 0 and ys.min() > 0 and xs.max() < 63 and ys.max() < 63, truth
+        middle = {"left": (xs.max() + xs.min()) / 2 < 24, "right": (xs.max() + xs.min()) / 2 > 40,
+                  "top": (ys.max() + ys.min()) / 2 < 24, "bottom": (ys.max() + ys.min()) / 2 > 40}
+        assert words[6] == "center" or middle[words[6]], truth

@@ -179,16 +179,18 @@ def test_classify_command_ranks_and_writes_json(tmp_path, capsys):
 def test_node_answers_the_core_s_best_prompt_with_a_plot():
     from ldm_nodes.nodes import LDMClassify, LDMLoadModel
     model, text_encoder, vae = LDMLoadModel().load("builtin/tiny-shapes-pixel.safetensors", "auto")
-    image = torch.zeros(2, 32, 32, 3)
+    image = torch.zeros(1, 32, 32, 3)
     image[..., :2] = 0.9
     prompts = PROMPTS + [p.replace("circle", "square") for p in PROMPTS]
     best, plot = LDMClassify().classify(image, model, text_encoder, vae, "\n" + "\n".join(prompts) + "\n\n", 4, 9)
     contexts = encode_candidates(text_encoder.get(), prompts)
-    expected = classify(model.get(), vae.get(), image[:1], contexts, 4, 9)
+    expected = classify(model.get(), vae.get(), image, contexts, 4, 9)
     assert best == prompts[expected.ranking[0]]
     assert plot.shape == (1, 400, 640, 3) and plot.dtype == torch.float32 and 0 <= plot.min() and plot.max() <= 1
     with pytest.raises(ValueError, match="prompts: the same prompt is given twice"):
         LDMClassify().classify(image, model, text_encoder, vae, "a\na", 4, 9)
+    with pytest.raises(ValueError, match="image: a batch of 2: classification takes one image at a time"):
+        LDMClassify().classify(image.expand(2, -1, -1, -1), model, text_encoder, vae, "a\nb", 4, 9)
     with pytest.raises(ValueError, match="prompts: classification needs at least 2"):
         LDMClassify().classify(image, model, text_encoder, vae, "a\n", 4, 9)
 

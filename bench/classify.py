@@ -6,7 +6,8 @@ The scenes are drawn by tools/other_scenes.py, a renderer independent of core/da
 data's), with its own palette and drawing: half 4-way colour questions, half 3-way shape questions, the
 other words of the caption shared. Each is classified as `python -m ldm_nodes classify` does (core/classify.py,
 the default steps and seed), and the share ranked right is printed per kind, with the wall time of all of
-them and the machine's load average (the CPU may be shared: timings swing with it).
+them, the process's CPU time (a bound on the wall time when nothing else runs) and the machine's load average
+(the CPU may be shared: wall times swing with it).
 
 Also printed, from the same network outputs: the ranking by the uniform eps-error, Li et al.'s choice, which
 drops the bound's weight lambda_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)) of each term (DDPM
@@ -53,7 +54,7 @@ def main():
           f"load average {load[0]:.2f} at the start", flush=True)
     right = {"colour": [0, 0], "shape": [0, 0]}
     eps_right = {"colour": 0, "shape": 0}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for k, (image, truth, candidates) in enumerate(asked):
         kind = "colour" if k < len(asked) // 2 else "shape"
         contexts = encode_candidates(text_encoder, candidates)
@@ -68,12 +69,12 @@ def main():
             print(f"  miss {k}: {truth!r} ranked {result.ranking.index(truth_index) + 1}, "
                   f"+{float(result.bounds[truth_index] - result.bounds[result.ranking[0]]):.4f} "
                   f"+- {float(result.standard_error[truth_index]):.4f}", flush=True)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     for kind, (hits, n) in right.items():
         print(f"{kind}: {hits}/{n} = {100 * hits / max(n, 1):.1f} % ranked first by the bound "
               f"({100 * eps_right[kind] / max(n, 1):.1f} % by the uniform eps-error)")
-    print(f"{seconds:.1f} s for {len(asked)} questions ({seconds / len(asked):.2f} s each); load average "
-          f"{os.getloadavg()[0]:.2f} at the end")
+    print(f"{seconds:.1f} s for {len(asked)} questions ({seconds / len(asked):.2f} s each), {cpu_seconds:.1f} s of "
+          f"CPU time (on an idle machine the wall time is at most this); load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
 

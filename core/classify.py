@@ -141,7 +141,7 @@ def classify(model, vae, image, contexts, steps=DEFAULT_STEPS, seed=0, variance=
         raise ValueError(f"steps: 2..{T - 1} shared timesteps, got {steps!r}")
     x0 = bound_data(model, vae, image)
     if len(x0) != 1:
-        raise ValueError(f"image: classify one image at a time, got a batch of {len(x0)}")
+        raise InputError("image", f"a batch of {len(x0)}: classification takes one image at a time")
     device, _ = placement(model.network)
     batch = pairs_per_call(model.network, x0.shape, contexts.shape[1])
     network = counted_network(model, math.ceil((steps + 1) / max(1, batch // len(contexts))), progress)

@@ -24,7 +24,8 @@ class LDMClassify:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "image": ("IMAGE", {"tooltip": "One RGB image at the model's training size (the first of a batch)."}),
+            "image": ("IMAGE", {"tooltip": "One RGB image at the model's training size (a batch is refused: pick "
+                                            "one with ImageFromBatch)."}),
             "model": ("LDM_MODEL", {"tooltip": "The model from LDMLoadModel (its training schedule is used)."}),
             "text_encoder": ("LDM_TEXT_ENCODER", {"tooltip": "Its text encoder, for the prompts."}),
             "vae": ("LDM_VAE", {"tooltip": "Its autoencoder: the identity for pixel-space models."}),
@@ -47,6 +48,6 @@ class LDMClassify:
             progress.total = total
             progress.update(done)
 
-        result = classify(model.get(), vae.get(), image[:1], contexts, steps, seed, progress=update)
+        result = classify(model.get(), vae.get(), image, contexts, steps, seed, progress=update)
         plot = torch.from_numpy(np.asarray(plot_classification(result, candidates), dtype=np.float32) / 255)[None]
         return (candidates[result.ranking[0]], plot)

@@ -8,6 +8,7 @@ answer is the mean the data was drawn from and the spread of a paired difference
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,16 +179,18 @@ def test_classify_command_ranks_and_writes_json(tmp_path, capsys):
 def test_node_answers_the_core_s_best_prompt_with_a_plot():
     from ldm_nodes.nodes import LDMClassify, LDMLoadModel
     model, text_encoder, vae = LDMLoadModel().load("builtin/tiny-shapes-pixel.safetensors", "auto")
-    image = torch.zeros(2, 32, 32, 3)
+    image = torch.zeros(1, 32, 32, 3)
     image[..., :2] = 0.9
     prompts = PROMPTS + [p.replace("circle", "square") for p in PROMPTS]
     best, plot = LDMClassify().classify(image, model, text_encoder, vae, "\n" + "\n".join(prompts) + "\n\n", 4, 9)
     contexts = encode_candidates(text_encoder.get(), prompts)
-    expected = classify(model.get(), vae.get(), image[:1], contexts, 4, 9)
+    expected = classify(model.get(), vae.get(), image, contexts, 4, 9)
     assert best == prompts[expected.ranking[0]]
     assert plot.shape == (1, 400, 640, 3) and plot.dtype == torch.float32 and 0 <= plot.min() and plot.max() <= 1
     with pytest.raises(ValueError, match="prompts: the same prompt is given twice"):
         LDMClassify().classify(image, model, text_encoder, vae, "a\na", 4, 9)
+    with pytest.raises(ValueError, match="image: a batch of 2: classification takes one image at a time"):
+        LDMClassify().classify(image.expand(2, -1, -1, -1), model, text_encoder, vae, "a\nb", 4, 9)
     with pytest.raises(ValueError, match="prompts: classification needs at least 2"):
         LDMClassify().classify(image, model, text_encoder, vae, "a\n", 4, 9)
 
@@ -202,3 +205,43 @@ def test_pairs_per_call_shrink_to_the_memory_available(monkeypatch):
     assert module.pairs_per_call(network, shape, 77) == 32
     monkeypatch.setattr(module, "available_memory", lambda device: (None, "test"))
     assert module.pairs_per_call(network, shape, 77) == 256
+
+
+def test_the_builtin_model_classifies_scenes_it_never_saw_drawn_by_another_renderer():
+    """A small bench/classify.py: scenes of tools/other_scenes.py (not the training renderer), default settings."""
+    from ldm_nodes.core.checkpoint import load_checkpoint
+    from ldm_nodes.core.classify import DEFAULT_STEPS
+    from ldm_nodes.core.pipeline import DiffusionModel, TextEncoder
+    from ldm_nodes.core.text import CLIPTokenizer
+    from ldm_nodes.model_paths import model_file
+    from ldm_nodes.tools.other_scenes import questions
+
+    checkpoint = load_checkpoint(model_file("builtin/tiny-shapes.safetensors"))
+    model = DiffusionModel.from_checkpoint(checkpoint)
+    text_encoder = TextEncoder(checkpoint.text_encoder, CLIPTokenizer())
+    right = []
+    for image, truth, candidates in questions(8, seed=7):
+        contexts = encode_candidates(text_encoder, candidates)
+        pixels = torch.from_numpy(image.copy())[None].float() / 255
+        result = classify(model, checkpoint.vae, pixels, contexts, DEFAULT_STEPS, 0)
+        right.append(candidates[result.ranking[0]] == truth)
+    assert all(right[:4]), right  # colour, 4 candidates
+    assert sum(right[4:]) >= 3, right  # shape, 3 candidates
+
+
+def test_the_other_renderer_keeps_the_grammar_s_sizes_and_places():
+    """tools/other_scenes.py's shapes span their size word's range (+- 1 px of anti-aliasing), never touch the
+    canvas edge, and lie on the side their position word names."""
+    from ldm_nodes.core.data import SIZE_SPANS
+    from ldm_nodes.tools.other_scenes import PALETTE, questions
+
+    for image, truth, _ in questions(60, seed=3):
+        words = truth.split()
+        background = PALETTE[words[-2]]
+        ys, xs = np.nonzero(np.abs(image.astype(int) - background).sum(-1) > 60)
+        low, high = SIZE_SPANS[words[1]]
+        assert low - 1 <= max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) <= high + 1, truth
+        assert xs.min() > 0 and ys.min() > 0 and xs.max() < 63 and ys.max() < 63, truth
+        middle = {"left": (xs.max() + xs.min()) / 2 < 24, "right": (xs.max() + xs.min()) / 2 > 40,
+                  "top": (ys.max() + ys.min()) / 2 < 24, "bottom": (ys.max() + ys.min()) / 2 > 40}
+        assert words[6] == "center" or middle[words[6]], truth

@@ -88,6 +88,7 @@ NODES = {  # contract (ARCHITECTURE.md section 2): input names in order, require
     "LDMDecodeLatent": (["vae", "samples"], []),
     "LDMLikelihood": (["model", "vae", "image", "variance", "steps"], ["conditioning"]),
     "LDMSamplerSelect": (["sampler_name", "eta", "ddpm_variance"], []),
+    "LDMClassify": (["image", "model", "text_encoder", "vae", "prompts", "steps", "seed"], []),
 }
 WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json"))
 
@@ -325,7 +326,7 @@ def test_api_workflow_runs(server, path):
     kind, data, progress, frames, history = asyncio.run(server.run(prompt))
     assert kind == "execution_success", f"{kind}: {data}\n{server.log_tail()}"
     samplers = {k for k, n in prompt.items() if n["class_type"] == "LDMSample"}
-    scorers = {k for k, n in prompt.items() if n["class_type"] == "LDMLikelihood"}
+    scorers = {k for k, n in prompt.items() if n["class_type"] in ("LDMLikelihood", "LDMClassify")}
     assert {p["node"] for p in progress} == samplers | scorers
     for node in samplers:
         steps = [p for p in progress if p["node"] == node]
@@ -339,10 +340,12 @@ def test_api_workflow_runs(server, path):
     saves = {k for k, n in prompt.items() if n["class_type"] == "SaveImage"}
     assert set(history["outputs"]) == saves
     for node in saves:
-        (image,) = history["outputs"][node]["images"]
-        file = server.base / "output" / image["subfolder"] / image["filename"]
-        with Image.open(file) as im:
-            assert im.mode == "RGB" and min(im.size) >= 8
+        images = history["outputs"][node]["images"]
+        assert len(images) == (10 if prompt[node]["inputs"]["filename_prefix"] == "ldm_trajectory" else 1)
+        for image in images:  # the trajectory's save: one image per sampling step
+            file = server.base / "output" / image["subfolder"] / image["filename"]
+            with Image.open(file) as im:
+                assert im.mode == "RGB" and min(im.size) >= 8
 
 
 def test_likelihood_node_scores_an_image_and_previews_its_plot(server):

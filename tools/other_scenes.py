@@ -42,7 +42,7 @@ def draw(color, shape, size, position, background, rng):
         # a square turned by a spans side * (|cos a| + |sin a|): its circumradius from the span
         a = np.radians(angle)
         side = 2 * r / (abs(np.cos(a)) + abs(np.sin(a)))
-        pen.regular_polygon((x, y, side / 2 ** 0.5), 4, rotation=45 + angle, fill=fill)
+        pen.regular_polygon((x, y, side / 2 ** 0.5), 4, rotation=angle, fill=fill)  # rotation 0: upright
     else:  # apex up; the bounding box centre is the midpoint of its height, the circumcentre 1/6 height lower
         pen.regular_polygon((x, y + height * SCALE / 6, span * SCALE / 3 ** 0.5), 3, fill=fill)
     return np.asarray(image.resize((SIZE, SIZE), Image.Resampling.LANCZOS))

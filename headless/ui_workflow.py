@@ -47,17 +47,16 @@ def ui_to_api(workflow, registry):
     definitions = _subgraph_definitions(workflow)
     root = _Scope(_Graph(workflow), (), None, None)
     placed = list(_instances(root, definitions))
+    # the nodes that run: not the frontend's own (notes, reroutes, primitives), not muted, not bypassed (a
+    # bypassed node's inputs pass through to its outputs when its consumers' links are resolved)
     runnable = [(scope, n) for scope, n in placed if n["type"] not in DROPPED | {"Reroute", "PrimitiveNode"}
-                and n.get("mode", 0) != MUTED]
-    unknown = [_describe(scope, n) for scope, n in runnable
-               if n["type"] not in registry and n.get("mode", 0) != BYPASSED]
+                and n.get("mode", 0) not in (MUTED, BYPASSED)]
+    unknown = [_describe(scope, n) for scope, n in runnable if n["type"] not in registry]
     if unknown:
         raise WorkflowError(f"{', '.join(unknown)}: cannot run headless; it runs this pack's nodes and the "
                             f"stand-ins {', '.join(STAND_INS)}")
     prompt = {}
     for scope, node in runnable:
-        if node.get("mode", 0) == BYPASSED:
-            continue
         inputs = _widget_inputs(node, registry[node["type"]], _describe(scope, node))
         for entry in node.get("inputs") or []:
             if entry.get("link") is None:

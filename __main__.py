@@ -342,16 +342,18 @@ def main(argv=None):
     nll.add_argument("--device", default="cpu", help="torch device")
     nll.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr (errors still show)")
     args = parser.parse_args(argv)
-    if args.command:
-        from .core.threads import configure
+    from .core import threads
 
-        configure(quiet=getattr(args, "quiet", False))  # torch's threads for this process (not under a host)
-    if args.command == "train":
-        return _train(args)
-    if args.command == "run":
-        return _run(args)
-    if args.command == "nll":
-        return _nll(args)
+    threads.configure()  # torch's threads for this process (never under a host)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "run":
+            return _run(args)
+        if args.command == "nll":
+            return _nll(args)
+    finally:
+        threads.command_done()
     parser.print_help()
     return 0
 

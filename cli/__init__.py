@@ -23,7 +23,10 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 0
-    from ..core.threads import configure
+    from ..core import threads
 
-    configure(quiet=getattr(args, "quiet", False))  # torch's threads for this process (never under a host)
-    return COMMANDS[args.command].run(args)
+    threads.configure()  # torch's threads for this process (never under a host), said before the first progress
+    try:
+        return COMMANDS[args.command].run(args)
+    finally:
+        threads.command_done()

@@ -5,6 +5,8 @@ terminal) each report is a line of its own, with no carriage returns, so logs st
 """
 import sys
 
+from .threads import announce
+
 
 class TextProgress:
     """`[label] ####........ done/total detail` on stderr; `close()` ends a redrawn line."""
@@ -15,6 +17,7 @@ class TextProgress:
         self.label, self.open = label, False
 
     def update(self, done, total, detail=""):
+        announce()  # the command line's thread choice, once, before its first progress line
         stream = sys.stderr
         tail = f" {detail}" if detail else ""
         if not stream.isatty():

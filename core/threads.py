@@ -12,7 +12,8 @@ busy process (bench/RESULTS.md). Two settings fix that, each left alone when the
   the pack, and their settings are theirs);
 - the number of threads: one per CPU that other work leaves free at the start (the runnable tasks of
   /proc/stat, else the load average), at least 1, at most torch's default. `configure` sets it; the
-  CLI's main() calls it once, nodes never do.
+  CLI's main() calls it once, nodes never do. The choice is said once on stderr, before the first
+  progress line (none with --quiet, and none before a refusal, which stays one line).
 
 Inside ComfyUI the pack changes neither: README.md says what to set there (OMP_WAIT_POLICY=PASSIVE, and
 OMP_NUM_THREADS on a shared machine) before starting ComfyUI.
@@ -26,6 +27,7 @@ import time
 
 PACKAGE = "ldm_nodes"
 _chosen = None  # what configure() chose, once per process
+_pending = None  # its one line for stderr, until announced or the command ends
 
 
 def started_as_cli(argv=None, package=PACKAGE):
@@ -83,11 +85,12 @@ def usable_cpus():
         return os.cpu_count() or 1
 
 
-def configure(quiet=False, environ=os.environ):
-    """Choose torch's threads for this command-line process, once; unless quiet, say on stderr what was
-    chosen. A thread count the user set (OMP_NUM_THREADS, which torch has read already) is kept.
+def configure(environ=os.environ):
+    """Choose torch's threads for this command-line process, once. A thread count the user set
+    (OMP_NUM_THREADS, which torch has read already) is kept. What was chosen is said on stderr by
+    `announce`, just before the command's first progress line, so a refused input stays one line.
     Returns (threads, wait policy)."""
-    global _chosen
+    global _chosen, _pending
     if _chosen is not None:
         return _chosen
     import torch
@@ -101,6 +104,20 @@ def configure(quiet=False, environ=os.environ):
         torch.set_num_threads(threads)
         why = f"{cpus} CPUs, {busy if busy is not None else 'unknown'} busy with other work"
     _chosen = threads, policy
-    if not quiet:
-        print(f"torch threads: {threads} ({why}), OpenMP wait policy {policy}", file=sys.stderr)
+    _pending = f"torch threads: {threads} ({why}), OpenMP wait policy {policy}"
     return _chosen
+
+
+def announce():
+    """Say on stderr what `configure` chose, the first time this is called during the command (core/progress
+    calls it before its first line); nothing outside a command."""
+    global _pending
+    if _pending is not None:
+        print(_pending, file=sys.stderr, flush=True)
+        _pending = None
+
+
+def command_done():
+    """The command is over: nothing left to announce (the CLI's main() runs more than one command in tests)."""
+    global _pending
+    _pending = None

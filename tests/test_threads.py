@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ldm_nodes.core import threads
+from ldm_nodes.core.progress import TextProgress
 
 PACK = Path(__file__).resolve().parent.parent
 
@@ -51,36 +52,58 @@ def test_busy_cpus_reads_a_count():
     assert busy is None or busy >= 0
 
 
-def test_configure_keeps_the_users_thread_count_and_says_so_once(monkeypatch, capsys):
+def test_configure_keeps_the_users_thread_count_and_says_so_once_at_the_first_progress_line(monkeypatch, capsys):
     monkeypatch.setattr(threads, "_chosen", None)
     before = torch.get_num_threads()
     env = {"OMP_NUM_THREADS": str(before), "OMP_WAIT_POLICY": "PASSIVE"}
     assert threads.configure(environ=env) == (before, "PASSIVE")
-    assert capsys.readouterr().err == f"torch threads: {before} (OMP_NUM_THREADS), OpenMP wait policy PASSIVE\n"
+    assert capsys.readouterr().err == ""  # a refusal before any work stays one line
+    bar = TextProgress("x")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    bar.update(1, 2)
+    bar.update(2, 2)
+    assert capsys.readouterr().err.splitlines() == [
+        f"torch threads: {before} (OMP_NUM_THREADS), OpenMP wait policy PASSIVE", "[x] 1/2", "[x] 2/2"]
     threads.configure(environ=env)
-    assert capsys.readouterr().err == "" and torch.get_num_threads() == before
+    TextProgress("y").update(1, 1)
+    assert capsys.readouterr().err == "[y] 1/1\n" and torch.get_num_threads() == before
 
 
-def test_configure_sets_the_free_cpus(monkeypatch, capsys):
+def test_nothing_is_announced_after_the_command(monkeypatch, capsys):
+    monkeypatch.setattr(threads, "_chosen", None)
+    threads.configure(environ={"OMP_NUM_THREADS": "1"})
+    threads.command_done()
+    threads.announce()
+    assert capsys.readouterr().err == ""
+
+
+def test_configure_sets_the_free_cpus(monkeypatch):
     monkeypatch.setattr(threads, "_chosen", None)
     monkeypatch.setattr(threads, "busy_cpus", lambda: 1)
     monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert threads.configure(quiet=True, environ={}) == (1, "active (OpenMP's default)")
-        assert torch.get_num_threads() == 1 and capsys.readouterr().err == ""
+        assert threads.configure(environ={}) == (1, "active (OpenMP's default)")
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+        threads.command_done()
 
 
-def test_python_m_ldm_nodes_waits_passively_and_says_what_it_chose(tmp_path):
+def test_python_m_ldm_nodes_waits_passively_says_so_before_progress_and_refuses_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run([sys.executable, "-m", "ldm_nodes", "nll", str(tmp_path / "missing.png")], env=env,
+    command = [sys.executable, "-m", "ldm_nodes", "nll"]
+    done = subprocess.run([*command, str(tmp_path / "missing.png")], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+    done = subprocess.run([*command, str(PACK / "input" / "shapes_32.png"), "--steps", "2"], env=env,
                           capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 1
-    assert done.stderr.splitlines()[0] == "torch threads: 1 (OMP_NUM_THREADS), OpenMP wait policy PASSIVE"
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[1] == "torch threads: 1 (OMP_NUM_THREADS), OpenMP wait policy PASSIVE", lines
+    assert lines[2].startswith("[nll ")
 
 
 def test_importing_the_pack_changes_no_process_setting():

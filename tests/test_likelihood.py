@@ -379,6 +379,10 @@ def test_bad_inputs_name_the_input():
         ("schedule", dict(schedule=None)),
         ("schedule", dict(schedule=SimpleNamespace(num_timesteps=20))),
         ("schedule", dict(schedule=SimpleNamespace(alpha_bar=schedule.alpha_bar.flip(0)))),
+        ("schedule", dict(schedule=SimpleNamespace(  # decreasing, but below 0 at t = T
+            alpha_bar=torch.cat([schedule.alpha_bar[:19], torch.tensor([-0.01], dtype=F64)]), num_timesteps=20))),
+        ("schedule", dict(schedule=SimpleNamespace(  # flat between two steps: not strictly decreasing
+            alpha_bar=torch.cat([schedule.alpha_bar[:5], schedule.alpha_bar[4:19]]), num_timesteps=20))),
         ("schedule", dict(schedule=SimpleNamespace(alpha_bar=schedule.alpha_bar, num_timesteps=10))),
         ("timesteps", dict(timesteps=0)),
         ("timesteps", dict(timesteps=1)),

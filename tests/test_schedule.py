@@ -99,6 +99,14 @@ def test_published_spacings():
     torch.testing.assert_close(exp[1:] - exp[:-1], (exp[1] - exp[0]).expand(4))
 
 
+def test_edges_that_are_allowed():
+    """The limits are inclusive where the rule says so: beta_start == beta_end (constant betas), and leading
+    timesteps that end exactly at T - 1 (here k = 2, (5 - 1) 2 + offset 1 = 9 = T - 1)."""
+    constant = TrainingSchedule("linear", 10, beta_start=0.01, beta_end=0.01)
+    assert torch.equal(constant.betas, torch.full((10,), 0.01, dtype=torch.float64))
+    assert sampling_schedule(TrainingSchedule("linear", 10), 5, "leading").timesteps[0].item() == 9
+
+
 def test_errors_name_the_bad_value():
     with pytest.raises(ValueError, match="unknown beta_schedule 'sqrt_linear'.*scaled_linear"):
         TrainingSchedule("sqrt_linear")

@@ -213,7 +213,7 @@ def test_the_builtin_model_classifies_scenes_it_never_saw_drawn_by_another_rende
     from ldm_nodes.core.classify import DEFAULT_STEPS
     from ldm_nodes.core.pipeline import DiffusionModel, TextEncoder
     from ldm_nodes.core.text import CLIPTokenizer
-    from ldm_nodes.model_paths import model_file
+    from ldm_nodes.nodes.model_paths import model_file
     from ldm_nodes.tools.other_scenes import questions
 
     checkpoint = load_checkpoint(model_file("builtin/tiny-shapes.safetensors"))

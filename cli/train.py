@@ -3,31 +3,13 @@
 Each flag is declared once, in `add_parser`, with its range as its argparse type; `_check_train_args` holds
 the checks that combine flags. Both run before anything is read or written."""
 import argparse
-import math
 import sys
 from pathlib import Path
 
+from .types import integer, learning_rate
+
 HELD_OUT = 8  # default --val: held-out images whose variational bound `train` reports at every save
 SCENE_BYTES = 3 * 64 * 64 + 200  # one procedural scene in memory: uint8 pixels and its caption
-
-
-def integer(low, high=None):
-    """An argparse type: an integer in low..high (high None: no upper bound)."""
-    def parse(text):
-        value = int(text)
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} is out of range ({low} to {high if high is not None else 'any'})")
-        return value
-    parse.__name__ = "integer"  # argparse names the type in "invalid integer value: 'x'"
-    return parse
-
-
-def learning_rate(text):
-    """An argparse type: a finite learning rate in (0, 1]."""
-    value = float(text)
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"{value} must be a finite learning rate in (0, 1]")
-    return value
 
 
 def add_parser(commands):

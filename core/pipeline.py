@@ -331,6 +331,13 @@ def counted_network(model, calls, progress=None):
     return network
 
 
+def check_bound_steps(steps, T, name="steps"):
+    """The bound's timesteps: 0 for all T, or K (2..T-1) strided with a standard error; ValueError naming
+    `name` otherwise (the node's input, or the command line's flag)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == 0 or 2 <= steps <= T - 1):
+        raise ValueError(f"{name}: 0 (all {T} timesteps) or a strided estimate of 2..{T - 1}, got {steps!r}")
+
+
 def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, seed=0, progress=None):
     """The variational bound of each image of IMAGE [B, H, W, 3] in 0..1 (core/likelihood.py).
 
@@ -341,8 +348,7 @@ def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, 
     network call. Returns a VariationalBound."""
     check_bound_image(model, vae, image)
     T = model.schedule.num_timesteps
-    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == 0 or 2 <= steps <= T - 1):
-        raise ValueError(f"steps: 0 (all {T} timesteps) or a strided estimate of 2..{T - 1}, got {steps!r}")
+    check_bound_steps(steps, T)
     device, _ = placement(model.network)
     x0 = bound_data(model, vae, image)
     context = model.empty_context if context is None else context

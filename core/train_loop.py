@@ -8,13 +8,19 @@ Under torchrun (WORLD_SIZE > 1) the modules are wrapped in DistributedDataParall
 DistributedSampler gives each rank its share of every global batch, every rank draws the global
 batch's random numbers and keeps its own rows (`Draws`), and only rank 0 prints and writes files:
 the same global batch trains the same model whatever the number of processes.
+
+Ctrl-C or SIGTERM during a stage (one process) finishes the step under way, saves the state at that
+step and raises `Interrupted`; a second one stops at once. Every file is written under a temporary
+name and renamed (`written_whole`), so neither a signal nor a full disk leaves a partial file behind.
 """
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +29,13 @@ from safetensors.torch import save_file
 
 from .errors import InputError
 from .progress import TextProgress
+
+
+def ignore_stop_signals(_worker_id=None):
+    """A DataLoader worker's init: leave Ctrl-C and SIGTERM to the main process, which stops the run
+    cleanly (`deferred_stops`) and then shuts its workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -64,11 +77,12 @@ class EMA:
 
 
 class Progress:
-    """Step, smoothed loss, samples per second and time left, every `every` steps, on the pack's progress line."""
+    """Step, smoothed loss, samples per second and time left, every `every` steps, on the pack's progress line.
+    loss: the smoothed loss a resumed run had reached, so the curve goes on where it stopped."""
 
-    def __init__(self, label, total, batch_size, start_step, every):
+    def __init__(self, label, total, batch_size, start_step, every, loss=None):
         self.line, self.total, self.batch_size, self.every = TextProgress(label), total, batch_size, every
-        self.start_step, self.start_time, self.loss = start_step, time.time(), None
+        self.start_step, self.start_time, self.loss = start_step, time.time(), loss
 
     def update(self, step, loss):
         self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
@@ -102,10 +116,76 @@ def save_state(path, modules, optimizer, ema, step, generator, info, history):
 @contextmanager
 def written_whole(path, suffix=".tmp"):
     """The name to write `path` under (path + suffix), moved into place when the block ends without an
-    error: a crash mid-write never leaves a broken file behind."""
+    error: a crash, a signal or a full disk mid-write never leaves a broken file, and the temporary one is
+    removed. A failed write (OSError, SafetensorError: a full disk, a read-only folder) is an InputError
+    naming `path` and saying that the copy written before, if any, is intact."""
     tmp = f"{path}{suffix}"
-    yield tmp
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as error:
+        with suppress(OSError):
+            os.remove(tmp)
+        if isinstance(error, (OSError, SafetensorError)):
+            kept = "the copy saved before is intact" if os.path.exists(path) else "nothing was written"
+            raise InputError(path, f"could not be written ({error}); {kept}") from None
+        raise
+
+
+class Interrupted(Exception):
+    """A stage stopped by Ctrl-C or SIGTERM after saving its state at `step` (of `total`) in `path`."""
+
+    def __init__(self, stage, step, total, path):
+        self.stage, self.step, self.total, self.path = stage, step, total, path
+        super().__init__(f"the {stage} stage stopped at step {step} of {total}, saved in {path}")
+
+
+class _Stops:
+    """Stop requests (Ctrl-C, SIGTERM) held until the stage's loop reaches a step boundary."""
+
+    requested = None
+
+
+@contextmanager
+def deferred_stops():
+    """Within the block, the first Ctrl-C or SIGTERM is only noted (`_Stops.requested`), for the loop to
+    save and stop at its next step boundary; a second one raises KeyboardInterrupt at once. Only in the
+    main thread of a single process (under torchrun the ranks would stop at different steps)."""
+    if threading.current_thread() is not threading.main_thread() or distributed()[1] > 1:
+        yield
+        return
+
+    def note(signum, frame):
+        if _Stops.requested is not None:
+            raise KeyboardInterrupt
+        _Stops.requested = signum
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _Stops.requested = None
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _Stops.requested = None
+
+
+@contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt in the block, as Ctrl-C does, so a run stopped outside a stage's
+    loop ends the same way (temporary files removed, one line)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def state_metadata(path):
@@ -238,15 +318,17 @@ def _batches(dataset, opts, rank, world, step):
         sampler.set_epoch(epoch)
         indices = list(sampler)[skip * opts.batch_size:per_epoch * opts.batch_size]
         yield from torch.utils.data.DataLoader(torch.utils.data.Subset(data, indices), batch_size=opts.batch_size,
-                                               num_workers=opts.workers, pin_memory=opts.device.startswith("cuda"))
+                                               num_workers=opts.workers, pin_memory=opts.device.startswith("cuda"),
+                                               worker_init_fn=ignore_stop_signals)
         epoch, skip = epoch + 1, 0
 
 
 def run_stage(label, opts, modules, loss_fn, dataset, info, ema_decay, on_save=None):
     """The shared loop: AdamW on `learning_rate`, EMA, progress, periodic resumable state.
     loss_fn(wrapped modules, batch, draws) -> loss, on this rank's share of the global batch.
-    on_save(step, history) runs after each save, on rank 0, which alone writes files and prints.
-    Returns the EMA and the history {"loss": [[step, smoothed loss], ...], ...}."""
+    on_save(step, history) runs before each save, on rank 0, which alone writes files and prints.
+    Returns the EMA and the history {"loss": [[step, smoothed loss], ...], "wall_time_s": the stage's
+    time over every run, "smoothed_loss": the last one, ...}. Raises Interrupted after a stop request."""
     rank, world = distributed()
     device = torch.device(opts.device)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -260,40 +342,59 @@ def run_stage(label, opts, modules, loss_fn, dataset, info, ema_decay, on_save=N
         step, history = load_state(state_path, modules, optimizer, ema, generator, info)
         if rank == 0:
             print(f"{label}: resuming at step {step} from {state_path}", file=sys.stderr)
+    started, spent, saved = time.time(), history.get("wall_time_s", 0), step
     wrapped = {name: _wrap(m, device, world) for name, m in modules.items()}
-    progress = Progress(label, opts.steps, opts.batch_size * world, step, opts.log_every)
+    progress = Progress(label, opts.steps, opts.batch_size * world, step, opts.log_every, history.get("smoothed_loss"))
     draws = Draws(generator, rank, world)
     batches = _batches(dataset, opts, rank, world, step)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16")
-    while step < opts.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(opts, step)
-        try:
-            with autocast:
-                loss = loss_fn(wrapped, next(batches), draws)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        except RuntimeError as error:
-            if not _out_of_memory(error):
-                raise
-            raise InputError(BATCH_FLAGS[label], f"{opts.batch_size} ran out of memory at step {step + 1} of the "
-                                                 f"{label} stage; lower it (the run resumes from its last saved "
-                                                 "state)") from None
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        step += 1
-        ema.update(ema_target, step)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{label}: the loss became {loss.item()} at step {step}; lower --lr")
-        if rank == 0:
-            progress.update(step, loss.item())
-            if step % opts.log_every == 0 or step == opts.steps:
-                history["loss"].append([step, progress.loss])
-            if step % opts.save_every == 0 or step == opts.steps:
-                if on_save:
-                    on_save(step, history)
-                save_state(state_path, modules, optimizer, ema, step, generator, info, history)
+    with deferred_stops():
+        while step < opts.steps:
+            if _Stops.requested is not None:
+                if rank == 0 and saved != step:
+                    _save(label, opts, state_path, modules, optimizer, ema, step, generator, info, history, progress,
+                          round(spent + time.time() - started, 1), None)
+                raise Interrupted(label, step, opts.steps, state_path)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(opts, step)
+            try:
+                with autocast:
+                    loss = loss_fn(wrapped, next(batches), draws)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            except RuntimeError as error:
+                if not _out_of_memory(error):
+                    raise
+                raise InputError(BATCH_FLAGS[label], f"{opts.batch_size} ran out of memory at step {step + 1} of the "
+                                                     f"{label} stage; lower it (the run resumes from its last saved "
+                                                     "state)") from None
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            ema.update(ema_target, step)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"{label}: the loss became {loss.item()} at step {step}; lower --lr")
+            if rank == 0:
+                progress.update(step, loss.item())
+                if step % opts.log_every == 0 or step == opts.steps:
+                    history["loss"].append([step, progress.loss])
+                if step % opts.save_every == 0 or step == opts.steps:
+                    _save(label, opts, state_path, modules, optimizer, ema, step, generator, info, history, progress,
+                          round(spent + time.time() - started, 1), on_save)
+                    saved = step
     return ema, history
+
+
+def _save(label, opts, path, modules, optimizer, ema, step, generator, info, history, progress, wall_time, on_save):
+    """The state at `step` (after on_save's report), saying so while the file is written; the history keeps
+    the smoothed loss and the stage's time over every run, so a resumed run goes on from both."""
+    history.update(wall_time_s=wall_time, smoothed_loss=progress.loss)
+    if on_save:
+        on_save(step, history)
+    line = TextProgress(f"{label} state")
+    line.update(step, opts.steps, f"saving {path}")
+    save_state(path, modules, optimizer, ema, step, generator, info, history)
+    line.close()
 
 
 BATCH_FLAGS = {"autoencoder": "--vae-batch-size", "decoder": "--vae-batch-size", "denoiser": "--batch-size"}

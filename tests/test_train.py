@@ -309,8 +309,10 @@ def test_autoencoder_stages_are_trained_once_then_reused(tmp_path, data, monkeyp
     train.train_model(run, dataset(images, captions))
     err = capsys.readouterr().err
     assert "autoencoder: using" in err and "decoder: using" in err
-    again = json.loads((tmp_path / "record.json").read_text())
-    assert again["final_autoencoder_loss"] is None and again["final_decoder_loss"] is None
+    again = json.loads((tmp_path / "record.json").read_text())  # the reused stages keep their record
+    for key in ("final_autoencoder_loss", "final_decoder_loss", "autoencoder_curves", "decoder_curves"):
+        assert again[key] == first[key] and again[key] is not None, key
+    assert again["training_time_s"] >= first["training_time_s"]
 
 
 def test_train_command_names_a_missing_init_model(tmp_path, capsys):

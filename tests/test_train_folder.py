@@ -99,7 +99,18 @@ def test_cached_latents_train_the_same_model_as_encoding_every_step(folder, tmp_
         net, *_ = train.train_denoiser(opts, copy.deepcopy(vae), copy.deepcopy(unet), copy.deepcopy(text), dataset,
                                        TrainingSchedule("scaled_linear"), cache_latents=cache)
         results.append(net.state_dict())
-    assert len(list((tmp_path / "True").glob("latents-*.npy"))) == 1
+    (cached,) = (tmp_path / "True").glob("latents-*.npy")
+    (tmp_path / "True" / "denoiser-state.safetensors").unlink()  # the same folder, another batch size:
+    opts = train.RunOptions(str(tmp_path / "True"), 1, batch_size=2, lr=1e-3, warmup=1, save_every=3, flip=True)
+    train.train_denoiser(opts, copy.deepcopy(vae), copy.deepcopy(unet), copy.deepcopy(text), dataset,
+                         TrainingSchedule("scaled_linear"), cache_latents=True)
+    assert list((tmp_path / "True").glob("latents-*.npy")) == [cached]  # the same latents, reused
+    opts = train.RunOptions(str(tmp_path / "True"), 1, batch_size=2, lr=1e-3, warmup=1, save_every=3)
+    (tmp_path / "True" / "denoiser-state.safetensors").unlink()
+    train.train_denoiser(opts, copy.deepcopy(vae), copy.deepcopy(unet), copy.deepcopy(text), dataset,
+                         TrainingSchedule("scaled_linear"), cache_latents=True)
+    (other,) = (tmp_path / "True").glob("latents-*.npy")  # no flip: other latents, and the old file gone
+    assert other != cached
     moved = 0
     for k, v in results[0].items():
         torch.testing.assert_close(results[1][k], v, rtol=1e-4, atol=1e-5)

@@ -127,6 +127,8 @@ def _train_data(args, rank):
 
 
 def _train(args):
+    import contextlib
+
     from .core import train, train_loop
     from .core.run_lock import hold
 
@@ -136,7 +138,7 @@ def _train(args):
             _check_train_args(args)
             rank = train.distributed()[0]
             created = _make_out(args.out)
-            with (hold(args.out) if rank == 0 else _nothing()):
+            with hold(args.out) if rank == 0 else contextlib.nullcontext():  # rank 0 holds it for all
                 base = _train_model_ref("--base", args.base) if args.base else None
                 init = _train_model_ref("--init", args.init) if args.init else None
                 recipe = train.Recipe(
@@ -164,12 +166,6 @@ def _train(args):
     if rank == 0:
         print(path)
     return 0
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _make_out(out):
@@ -202,7 +198,8 @@ def _interrupted(args, what):
     import shlex
 
     command = shlex.join([Path(sys.executable).name, "-m", "ldm_nodes", *getattr(args, "argv", ["train"])])
-    print(f"\ninterrupted: {what}; resume with: {command}", file=sys.stderr)
+    start = "\n" if sys.stderr.isatty() else ""  # end a progress line redrawn in place
+    print(f"{start}interrupted: {what}; resume with: {command}", file=sys.stderr)
     return 130
 
 

@@ -1,4 +1,7 @@
-"""`python -m ldm_nodes ...`: the pack's command line."""
+"""`python -m ldm_nodes ...`: the pack's command line.
+
+Why this file is long: it holds all three commands (train, run, nll) with their checks until the lead
+splits it into cli/train.py, cli/run.py and cli/nll.py (issue 24)."""
 import argparse
 import sys
 from pathlib import Path
@@ -130,14 +133,15 @@ def _train(args):
     import contextlib
 
     from .core import train, train_loop
-    from .core.run_lock import hold
+    from .core import stops
+    from .core.run_lock import hold, make_run_folder, remove_empty
 
     rank, created = 0, []
     try:
-        with train_loop.sigterm_interrupts():
+        with stops.sigterm_interrupts():
             _check_train_args(args)
             rank = train.distributed()[0]
-            created = _make_out(args.out)
+            created = make_run_folder(args.out)
             with hold(args.out) if rank == 0 else contextlib.nullcontext():  # rank 0 holds it for all
                 base = _train_model_ref("--base", args.base) if args.base else None
                 init = _train_model_ref("--init", args.init) if args.init else None
@@ -155,42 +159,17 @@ def _train(args):
                     return _dry_run(args, dataset, rank)
                 path = train.train_model(recipe, dataset, held_out, data_record, parts)
     except (ValueError, FloatingPointError) as error:  # InputError, CheckpointError; a loss that diverged
-        _remove_empty(created)
+        remove_empty(created)
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except train_loop.Interrupted as stop:
+    except stops.Interrupted as stop:
         return _interrupted(args, f"the {stop.stage} stage is saved at step {stop.step} of {stop.total}")
     except KeyboardInterrupt:
-        _remove_empty(created)
+        remove_empty(created)
         return _interrupted(args, "the states saved before are kept")
     if rank == 0:
         print(path)
     return 0
-
-
-def _make_out(out):
-    """Create the --out folder, returning the folders made (deepest last) so a refused run can remove them;
-    InputError naming --out when it cannot be made (/proc/x, a read-only place)."""
-    from .core.errors import InputError
-
-    path, made = Path(out).absolute(), []
-    while not path.exists():
-        made.append(path)
-        path = path.parent
-    try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError("--out", f"{out}: cannot be created ({error.strerror or error})") from None
-    return made[::-1]
-
-
-def _remove_empty(created):
-    """Remove the folders _make_out made, deepest first, where still empty (a refused run writes nothing)."""
-    for path in reversed(created):
-        try:
-            path.rmdir()
-        except OSError:
-            return
 
 
 def _interrupted(args, what):

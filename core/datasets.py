@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .images import composite, open_image, read_image
-from .train_loop import ignore_stop_signals
+from .stops import ignore_stop_signals
 from .text import CLIPTokenizer, tokenize_weighted
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")

@@ -1,4 +1,5 @@
-"""One trainer per output folder: a lock file holding the trainer's process id.
+"""A trainer's output folder: made before any work (`make_run_folder`), and held by one trainer at a
+time through a lock file holding the trainer's process id.
 
 `hold(folder)` creates <folder>/train.lock with the running process's id and removes it when the block
 ends, however it ends (an error, Ctrl-C). A lock left by a process that is gone (killed, a crash of
@@ -9,6 +10,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from .errors import InputError
 
@@ -85,3 +87,26 @@ def hold(folder, flag="--out"):
                 os.remove(path)
             except OSError:
                 pass
+
+
+def make_run_folder(out, flag="--out"):
+    """Create the folder `out`, returning the folders made (outermost first) so a refused run can remove
+    them (`remove_empty`); InputError naming `flag` when it cannot be made (/proc/x, a read-only place)."""
+    path, made = Path(out).absolute(), []
+    while not path.exists():
+        made.append(path)
+        path = path.parent
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(flag, f"{out}: cannot be created ({error.strerror or error})") from None
+    return made[::-1]
+
+
+def remove_empty(made):
+    """Remove the folders make_run_folder made, deepest first, where still empty (a refused run writes nothing)."""
+    for path in reversed(made):
+        try:
+            path.rmdir()
+        except OSError:
+            return

@@ -16,9 +16,7 @@ name and renamed (`written_whole`), so neither a signal nor a full disk leaves a
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -29,13 +27,7 @@ from safetensors.torch import save_file
 
 from .errors import InputError
 from .progress import TextProgress
-
-
-def ignore_stop_signals(_worker_id=None):
-    """A DataLoader worker's init: leave Ctrl-C and SIGTERM to the main process, which stops the run
-    cleanly (`deferred_stops`) and then shuts its workers down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+from .stops import Interrupted, deferred_stops, ignore_stop_signals, stop_requested
 
 
 @dataclass(frozen=True)
@@ -130,62 +122,6 @@ def written_whole(path, suffix=".tmp"):
             kept = "the copy saved before is intact" if os.path.exists(path) else "nothing was written"
             raise InputError(path, f"could not be written ({error}); {kept}") from None
         raise
-
-
-class Interrupted(Exception):
-    """A stage stopped by Ctrl-C or SIGTERM after saving its state at `step` (of `total`) in `path`."""
-
-    def __init__(self, stage, step, total, path):
-        self.stage, self.step, self.total, self.path = stage, step, total, path
-        super().__init__(f"the {stage} stage stopped at step {step} of {total}, saved in {path}")
-
-
-class _Stops:
-    """Stop requests (Ctrl-C, SIGTERM) held until the stage's loop reaches a step boundary."""
-
-    requested = None
-
-
-@contextmanager
-def deferred_stops():
-    """Within the block, the first Ctrl-C or SIGTERM is only noted (`_Stops.requested`), for the loop to
-    save and stop at its next step boundary; a second one raises KeyboardInterrupt at once. Only in the
-    main thread of a single process (under torchrun the ranks would stop at different steps)."""
-    if threading.current_thread() is not threading.main_thread() or distributed()[1] > 1:
-        yield
-        return
-
-    def note(signum, frame):
-        if _Stops.requested is not None:
-            raise KeyboardInterrupt
-        _Stops.requested = signum
-
-    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
-    _Stops.requested = None
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        _Stops.requested = None
-
-
-@contextmanager
-def sigterm_interrupts():
-    """SIGTERM raises KeyboardInterrupt in the block, as Ctrl-C does, so a run stopped outside a stage's
-    loop ends the same way (temporary files removed, one line)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def state_metadata(path):
@@ -350,7 +286,7 @@ def run_stage(label, opts, modules, loss_fn, dataset, info, ema_decay, on_save=N
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16")
     with deferred_stops():
         while step < opts.steps:
-            if _Stops.requested is not None:
+            if stop_requested():
                 if rank == 0 and saved != step:
                     _save(label, opts, state_path, modules, optimizer, ema, step, generator, info, history, progress,
                           round(spent + time.time() - started, 1), None)

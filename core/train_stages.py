@@ -26,7 +26,8 @@ from .plot import plot_training
 from .objective import l_simple
 from .progress import TextProgress
 from .text import CLIPTokenizer, tokenize_weighted
-from .train_loop import barrier, distributed, flip, ignore_stop_signals, run_stage, written_whole
+from .stops import ignore_stop_signals
+from .train_loop import barrier, distributed, flip, run_stage, written_whole
 
 
 # --- stage 1: the autoencoder ----------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 import ldm_nodes
 from ldm_nodes.__main__ import main
-from ldm_nodes.core import train, train_loop
+from ldm_nodes.core import stops, train, train_loop
 from ldm_nodes.core.datasets import TensorImages
 from ldm_nodes.core.run_lock import LOCK_NAME, hold
 from ldm_nodes.core.unet import UNetConfig
@@ -78,7 +78,7 @@ def test_a_signal_during_a_save_finishes_the_save_then_stops(tmp_path, monkeypat
     opts = train_loop.RunOptions(str(tmp_path), 10, batch_size=2, lr=1e-3, warmup=1, save_every=3, log_every=100)
     unet = train.UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
     text = train.CLIPTextModel(CLIPTextConfig(width=32, layers=1, heads=2, mlp_width=64))
-    with pytest.raises(train_loop.Interrupted) as stop:
+    with pytest.raises(stops.Interrupted) as stop:
         train.train_denoiser(opts, train.IdentityAutoencoder(), unet, text,
                              TensorImages(images, [""] * 8, {"data": "test"}), train.PIXEL_SCHEDULE)
     assert stop.value.step == 3

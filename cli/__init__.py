@@ -4,6 +4,7 @@ Each module has `add_parser(commands)`, which declares its flags (with their ran
 and `run(args) -> exit status`. Heavy imports happen inside `run`, so `--help` and a refused flag cost
 no torch import."""
 import argparse
+import sys
 
 from . import classify, errors, nll, run, train
 
@@ -23,6 +24,7 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 0
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the command that resumes an interrupted run
     from ..core import threads
 
     threads.configure()  # torch's threads for this process (never under a host), said before the first progress

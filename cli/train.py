@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .types import integer, learning_rate
 
+DRY_RUN_PICTURES = 32  # training pictures drawn in OUT/data.png by --dry-run
 HELD_OUT = 8  # default --val: held-out images whose variational bound `train` reports at every save
 SCENE_BYTES = 3 * 64 * 64 + 200  # one procedural scene in memory: uint8 pixels and its caption
 
@@ -26,6 +27,11 @@ def add_parser(commands):
     parser.add_argument("--resolution", type=integer(32, 512), default=64, help="image size: each image is resized on its short "
                        "side and center-cropped to it (32..512, a multiple of the model's downsampling); the "
                        "procedural scenes take 32 or 64")
+    parser.add_argument("--background", default="white", metavar="COLOR", help="colour laid under transparent "
+                        "pictures (RGBA, LA, transparent palettes): a name or #rrggbb")
+    parser.add_argument("--dry-run", action="store_true", help="check the data, the flags and the memory, write "
+                        "OUT/data.png (the first training pictures as the trainer sees them, with their captions) "
+                        "and stop before training")
     parser.add_argument("--flip", action="store_true", help="mirror each training image left-right half the time")
     parser.add_argument("--val", type=integer(0, 100000), default=HELD_OUT, help="held-out images (a fixed split of --data, or new "
                        "procedural renders) whose variational bound is reported at every save; 0: none")
@@ -73,7 +79,9 @@ def add_parser(commands):
 def _check_train_args(args):
     """Refuse, naming the flag, every combination of settings that cannot work, before anything is read or
     written (each flag's own range is its argparse type)."""
+    from ..core.datasets import image_files
     from ..core.errors import InputError
+    from ..core.images import background_color
     from ..core.memory import available_memory
     from ..core.devices import usable_device
     from ..core.files import file_in_the_way
@@ -90,6 +98,18 @@ def _check_train_args(args):
         raise InputError("--precision", "bf16 autocast is for GPUs; on the CPU train in fp32")
     if args.cache_latents and args.pixel:
         raise InputError("--cache-latents", "a pixel-space model (--pixel) has no latents to cache")
+    try:
+        background_color(args.background)
+    except ValueError:
+        raise InputError("--background", f"{args.background!r} is not a colour (a name such as white, or #rrggbb)") from None
+    # --val against the data, from the listing alone (no picture decoded yet); the default is never refused
+    if args.data is not None:
+        files, _ = image_files(args.data)
+        if args.val > max(len(files), HELD_OUT):
+            raise InputError("--val", f"{args.val:,} held-out pictures, but {args.data} holds {len(files):,}")
+    elif args.val > max(args.images, HELD_OUT):
+        raise InputError("--val", f"{args.val:,} held-out scenes for {args.images:,} training ones; at most as "
+                                  "many as --images (each costs a bound at every save)")
     if args.data is None:
         if 64 % args.resolution:
             raise InputError("--resolution", f"{args.resolution}: the procedural scenes are 64 x 64, so 32 or 64 "
@@ -132,14 +152,23 @@ def _train_data(args, rank):
             held_out = held_out and (downsample(held_out[0], args.resolution), held_out[1])
         dataset = TensorImages(images, captions, {"data": "procedural scenes", "data_seed": args.data_seed})
         return dataset, held_out, {"data_seed": args.data_seed}
-    scan = scan_folder(args.data, args.resolution, args.workers)
+    from ..core.images import background_color
+    from ..core.progress import TextProgress
+
+    line = TextProgress("reading --data")
+    scan = scan_folder(args.data, args.resolution, args.workers, background_color(args.background),
+                       progress=(lambda done, total: line.update(done, total, "pictures decoded")) if rank == 0 else None)
+    line.close()
     if scan.unreadable:
         names = ", ".join(f"{name} ({why})" for name, why in scan.unreadable[:3])
-        say(f"skipping {len(scan.unreadable)} unreadable image(s): {names}{' ...' if len(scan.unreadable) > 3 else ''}")
+        say(f"skipping {len(scan.unreadable)} unusable image(s): {names}{' ...' if len(scan.unreadable) > 3 else ''}")
     if scan.uncaptioned:
         say(f"{scan.uncaptioned} of {len(scan.dataset)} images have no caption (no .txt, no metadata.jsonl line): "
             "they train on the empty prompt")
     dataset, held = split_held_out(scan.dataset, args.val, args.data_seed)
+    if held is not None and len(held) < args.val:
+        say(f"--val {args.val}: only {len(held)} of the {len(scan.dataset)} pictures are held out (never more than "
+            "are trained on)")
     if held is None and args.val:
         say(f"{args.data}: one image, so no held-out split and no bound reported")
     say(f"{len(dataset)} training images, {len(held) if held else 0} held out, at {args.resolution} x {args.resolution}")
@@ -148,26 +177,71 @@ def _train_data(args, rank):
 
 
 def run(args):
-    from ..core import train, train_loop
+    import contextlib
 
+    from ..core import stops, train, train_loop
+    from ..core.run_lock import hold, make_run_folder, remove_empty
+
+    rank, created = 0, []
     try:
-        _check_train_args(args)
-        base = _train_model_ref("--base", args.base) if args.base else None
-        init = _train_model_ref("--init", args.init) if args.init else None
-        recipe = train.Recipe(
-            out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, vae_steps=args.vae_steps,
-            vae_batch_size=args.vae_batch_size, vae_lr=args.vae_lr, decoder_steps=args.decoder_steps,
-            prediction=args.prediction, seed=args.seed, device=train_loop.process_device(args.device), save_every=args.save_every,
-            denoiser=args.denoiser, pixel=args.pixel, base=base, init=init, train_text=args.train_text_encoder,
-            flip=args.flip, cache_latents=args.cache_latents, workers=args.workers, precision=args.precision,
-            gradient_checkpointing=args.gradient_checkpointing)
-        parts = train.prepare(recipe, args.resolution)
-        rank = train.distributed()[0]
-        dataset, held_out, data_record = _train_data(args, rank)
-        path = train.train_model(recipe, dataset, held_out, data_record, parts)
+        with stops.sigterm_interrupts():
+            _check_train_args(args)
+            rank = train.distributed()[0]
+            created = make_run_folder(args.out)
+            with hold(args.out) if rank == 0 else contextlib.nullcontext():  # rank 0 holds it for all
+                base = _train_model_ref("--base", args.base) if args.base else None
+                init = _train_model_ref("--init", args.init) if args.init else None
+                recipe = train.Recipe(
+                    out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    vae_steps=args.vae_steps, vae_batch_size=args.vae_batch_size, vae_lr=args.vae_lr,
+                    decoder_steps=args.decoder_steps, prediction=args.prediction, seed=args.seed,
+                    device=train_loop.process_device(args.device), save_every=args.save_every, denoiser=args.denoiser,
+                    pixel=args.pixel, base=base, init=init, train_text=args.train_text_encoder, flip=args.flip,
+                    cache_latents=args.cache_latents, workers=args.workers, precision=args.precision,
+                    gradient_checkpointing=args.gradient_checkpointing)
+                parts = train.prepare(recipe, args.resolution)
+                dataset, held_out, data_record = _train_data(args, rank)
+                if args.dry_run:
+                    return _dry_run(args, dataset, rank)
+                path = train.train_model(recipe, dataset, held_out, data_record, parts)
     except (ValueError, FloatingPointError) as error:  # InputError, CheckpointError; a loss that diverged
+        remove_empty(created)
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except stops.Interrupted as stop:
+        return _interrupted(args, f"the {stop.stage} stage is saved at step {stop.step} of {stop.total}")
+    except KeyboardInterrupt:
+        remove_empty(created)
+        return _interrupted(args, "the states saved before are kept")
     if rank == 0:
         print(path)
+    return 0
+
+
+def _interrupted(args, what):
+    """Ctrl-C or SIGTERM: one line saying what is kept and the command that resumes; exit status 130."""
+    import shlex
+
+    command = shlex.join([Path(sys.executable).name, "-m", "ldm_nodes", *getattr(args, "argv", ["train"])])
+    start = "\n" if sys.stderr.isatty() else ""  # end a progress line redrawn in place
+    print(f"{start}interrupted: {what}; resume with: {command}", file=sys.stderr)
+    return 130
+
+
+def _dry_run(args, dataset, rank):
+    """--dry-run: the first training pictures exactly as the trainer sees them, captions beneath, in
+    OUT/data.png, then stop."""
+    import torch
+
+    from ..core.plot import picture_grid
+
+    if rank != 0:
+        return 0
+    count = min(len(dataset), DRY_RUN_PICTURES)
+    images = torch.stack([dataset[i][0] for i in range(count)])
+    path = Path(args.out) / "data.png"
+    picture_grid(images, dataset.captions[:count]).save(path)
+    print(f"dry run: the data, the flags and the memory are fine; the first {count} training pictures, as the "
+          f"trainer sees them, are in {path}; nothing trained", file=sys.stderr)
+    print(path)
     return 0

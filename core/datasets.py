@@ -5,12 +5,18 @@ Every dataset yields (uint8 image [3, R, R], index) and carries its `captions` (
 folder's images lazily in worker processes: memory does not grow with the number of images.
 
 A folder holds png, jpg and webp files of any size and mode, read through the pack's one image
-reader (core/images.py). Captions come, in this order, from a same-name .txt beside the image or
+reader (core/images.py); a transparent picture (RGBA, LA, a palette or colour key marked transparent)
+is laid over a background colour (white unless chosen), so what hides under its transparent pixels
+never reaches the model. Captions come, in this order, from a same-name .txt beside the image or
 from a metadata.jsonl of {"file_name": ..., "text": ...} lines (the Hugging Face imagefolder
 convention); an image with neither trains on the empty prompt. Each image is resized so its short
-side is R (antialiased bilinear) and center-cropped to R x R. Unreadable or truncated files are
-skipped, with their count and first names reported; a folder with no usable image is refused.
+side is R (antialiased bilinear) and center-cropped to R x R. Unreadable or truncated files, pictures
+more than MAX_ASPECT times longer than wide (or wider than long: their resized long side would be
+unbounded; checked from the header, before decoding) and links that lead nowhere or loop are skipped,
+with their count and first names reported; a folder with no usable image is refused. A caption that
+is not one line of at most 75 tokens is refused before any training, naming its file.
 """
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -21,10 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .images import read_image
+from .images import composite, open_image, read_image
+from .stops import ignore_stop_signals
+from .text import CLIPTokenizer, tokenize_weighted
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 METADATA = "metadata.jsonl"
+WHITE = (1.0, 1.0, 1.0)
+MAX_ASPECT = 8  # the most a picture's long side may exceed its short side
+PROGRESS_EVERY = 100  # images decoded between progress reports of a scan
+MAX_CAPTION_BYTES = 16384  # far above 75 tokens: a caption file past it is not a caption
 
 
 class TensorImages(torch.utils.data.Dataset):
@@ -45,21 +57,28 @@ class TensorImages(torch.utils.data.Dataset):
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Image files decoded on demand, resized on the short side and center-cropped to `resolution`."""
+    """Image files decoded on demand, laid over `background` (r, g, b in [0, 1]) where transparent,
+    resized on the short side and center-cropped to `resolution`."""
 
-    def __init__(self, files, captions, resolution, describe):
+    def __init__(self, files, captions, resolution, describe, background=WHITE):
         self.files, self.captions, self.resolution, self.describe = list(files), list(captions), resolution, describe
+        self.background = background
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        rgb, _ = read_image(self.files[i])  # alpha is dropped, as PIL's convert("RGB") and imagefolder do
+        with open_image(self.files[i]) as image:  # the header alone: refuse a strip before decoding it
+            width, height = image.size
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            raise InputError(self.files[i], f"{width} x {height} pixels: more than {MAX_ASPECT} times longer one "
+                                            "way than the other, too narrow to crop a square from")
+        rgb = composite(*read_image(self.files[i]), self.background)
         return square_crop(torch.from_numpy(rgb).permute(2, 0, 1), self.resolution), i
 
     def subset(self, indices):
         return FolderImages([self.files[i] for i in indices], [self.captions[i] for i in indices], self.resolution,
-                            self.describe)
+                            self.describe, self.background)
 
 
 def square_crop(image, size):
@@ -83,37 +102,82 @@ class FolderScan:
     uncaptioned: int  # usable images with neither a .txt nor a metadata.jsonl line
 
 
-def scan_folder(folder, resolution, workers=0):
-    """The usable images of `folder` with their captions. Each file is decoded once here (in `workers`
-    DataLoader processes), so a truncated file is found before training rather than mid-run."""
+def image_files(folder):
+    """(the image files of `folder`, sorted; [(name, why)] of image names that are links leading nowhere or
+    looping); InputError when it is not a folder."""
     root = Path(folder)
     if not root.is_dir():
         raise InputError("--data", f"{folder}: no such folder")
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file())
+    files, dangling = [], []
+    for path in sorted(root.iterdir()):
+        if path.suffix.lower() not in EXTENSIONS:
+            continue
+        if path.is_file():
+            files.append(path)
+        elif path.is_symlink():
+            try:
+                path.resolve(strict=True)
+                why = "a link to something that is not a file"
+            except RuntimeError:  # Python < 3.13 reports a loop so
+                why = "a symbolic link loop"
+            except OSError as error:
+                why = "a symbolic link loop" if error.errno == errno.ELOOP else "a link to nothing"
+            dangling.append((path.name, why))
+    return files, dangling
+
+
+def scan_folder(folder, resolution, workers=0, background=WHITE, progress=None):
+    """The usable images of `folder` with their captions, over `background` where transparent. Every
+    caption is checked first (InputError naming its file), then each image is decoded once (in `workers`
+    DataLoader processes), so a truncated file is found before training rather than mid-run.
+    progress(done, total): called every PROGRESS_EVERY images decoded."""
+    root = Path(folder)
+    files, unreadable = image_files(folder)
     if not files:
-        raise InputError("--data", f"{folder}: no png, jpg or webp images in it")
+        raise InputError("--data", f"{folder}: no png, jpg or webp images in it"
+                                   + (f" ({unreadable[0][0]}: {unreadable[0][1]})" if unreadable else ""))
     from_jsonl = _jsonl_captions(root)
+    tokenizer = CLIPTokenizer()
     captions, missing = [], []
     for path in files:
         text = path.with_suffix(".txt")
         if text.is_file():
-            captions.append(text.read_text(encoding="utf-8", errors="replace").strip())
+            captions.append(_check_caption(tokenizer, _read_caption(text), text))
         else:
-            captions.append(from_jsonl.get(path.name, ""))
+            captions.append(_check_caption(tokenizer, from_jsonl.get(path.name, ""), f"{root / METADATA} ({path.name})"))
         missing.append(not text.is_file() and path.name not in from_jsonl)
-    describe = {"data": os.fspath(root.resolve()), "files": len(files)}
-    probe = FolderImages(files, captions, resolution, describe)
-    usable, unreadable = [], []
-    loader = torch.utils.data.DataLoader(_Probe(probe), batch_size=None, num_workers=workers)
-    for i, problem in loader:
+    describe = {"data": os.fspath(root.resolve()), "files": len(files), "background": list(background)}
+    probe = FolderImages(files, captions, resolution, describe, background)
+    usable = []
+    loader = torch.utils.data.DataLoader(_Probe(probe), batch_size=None, num_workers=workers,
+                                         worker_init_fn=ignore_stop_signals)
+    for done, (i, problem) in enumerate(loader, 1):
         if problem is None:
             usable.append(i)
         else:
             unreadable.append((files[i].name, problem))
+        if progress and done % PROGRESS_EVERY == 0:
+            progress(done, len(files))
     if not usable:
         first = "; ".join(f"{name}: {why}" for name, why in unreadable[:3])
         raise InputError("--data", f"{folder}: none of its {len(files)} images can be read ({first})")
     return FolderScan(probe.subset(usable), unreadable, sum(missing[i] for i in usable))
+
+
+def _read_caption(path):
+    """The text of a caption file, refused by name past MAX_CAPTION_BYTES without reading it all."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_CAPTION_BYTES + 1)
+    if len(data) > MAX_CAPTION_BYTES:
+        raise InputError(path, f"over {MAX_CAPTION_BYTES:,} bytes: a caption is one line of at most 75 tokens")
+    return data.decode("utf-8", errors="replace").strip()
+
+
+def _check_caption(tokenizer, text, source):
+    """`text`, or InputError naming `source` when it does not fit in one 77-token chunk."""
+    if len(text) > MAX_CAPTION_BYTES or len(tokenize_weighted(tokenizer, text)[0]) != 1:
+        raise InputError(source, f"the caption is longer than 75 tokens ({text[:40]!r}...); shorten it")
+    return text
 
 
 class _Probe(torch.utils.data.Dataset):

@@ -3,6 +3,10 @@ import os
 import tempfile
 from contextlib import contextmanager, suppress
 
+from safetensors import SafetensorError
+
+from .errors import InputError
+
 
 def file_in_the_way(path):
     """The nearest of `path` and its parents that exists, when it is not a folder (so `path` cannot be
@@ -30,13 +34,18 @@ def unwritable_folder(path):
 @contextmanager
 def written_whole(path, suffix=".tmp"):
     """The name to write `path` under (path + suffix), moved into place when the block ends without an
-    error and removed when it raises (a full disk): a failed or interrupted write never leaves a
-    truncated file under `path`'s name, nor its half-written temporary."""
+    error and removed when it raises: a crash, a signal or a full disk mid-write never leaves a truncated
+    file under `path`'s name, nor its half-written temporary. A failed write (OSError, SafetensorError: a
+    full disk, a read-only folder) is an InputError naming `path` and saying whether a copy written before
+    is intact."""
     tmp = f"{path}{suffix}"
     try:
         yield tmp
-    except BaseException:
+        os.replace(tmp, path)
+    except BaseException as error:
         with suppress(OSError):
             os.remove(tmp)
+        if isinstance(error, (OSError, SafetensorError)):
+            kept = "the copy saved before is intact" if os.path.exists(path) else "nothing was written"
+            raise InputError(path, f"could not be written ({error.strerror or error}); {kept}") from None
         raise
-    os.replace(tmp, path)

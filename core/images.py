@@ -1,14 +1,15 @@
 """The pack's one image reader: LoadImage in the runner, `nll` and the trainer's folder data.
 
 Every Pillow mode is read into float32 RGB in [0, 1] by its own bit depth (a 16-bit PNG is
-divided by 65535, not clipped at 255), with the alpha channel when the file has one. The size is
-checked from the header, before any pixel is decoded, so a huge or decompression-bomb file is
-refused cheaply and by name.
+divided by 65535, not clipped at 255), with the alpha channel when the file has one (RGBA, LA, PA,
+or a palette or colour key marked transparent); `composite` lays such a picture over a background
+colour, as the trainer sees it. The size is checked from the header, before any pixel is decoded, so
+a huge or decompression-bomb file is refused cheaply and by name.
 """
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageColor, ImageOps
 
 from .errors import InputError
 
@@ -49,6 +50,8 @@ def read_image(path, name=None, max_pixels=MAX_PIXELS):
         with image:
             image.load()
             image = ImageOps.exif_transpose(image)
+            if "transparency" in image.info and image.mode in ("P", "L", "RGB"):  # a palette or colour key marked
+                image = image.convert("RGBA")  # transparent: read as RGBA, which spares Pillow's palette warning
             return _rgb(image), _alpha(image)
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt pixel data
         raise InputError(name, f"cannot decode the image ({error})") from None
@@ -88,3 +91,17 @@ def check_image_file(path, resolution):
         if resolution and (width, height) != (resolution, resolution):
             raise ValueError(f"{path}: {width}x{height}, but this model was trained on {resolution}x{resolution} "
                              "images; resize it")
+
+
+def background_color(text):
+    """An (r, g, b) in [0, 1] from a colour name or #rrggbb (Pillow's ImageColor); ValueError otherwise."""
+    return tuple(c / 255 for c in ImageColor.getrgb(text)[:3])
+
+
+def composite(rgb, alpha, background):
+    """rgb [H, W, 3] over a solid `background` (r, g, b) in [0, 1] by alpha [H, W] (None: opaque), so
+    what hides under transparent pixels never shows: alpha * rgb + (1 - alpha) * background."""
+    if alpha is None:
+        return rgb
+    a = alpha[..., None]
+    return (a * rgb + (1 - a) * np.asarray(background, dtype=np.float32)).astype(np.float32)

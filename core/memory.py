@@ -1,9 +1,9 @@
 """Peak memory of encoding, sampling and decoding, estimated from shapes before anything is allocated.
 
 `estimate_peak(stage, module, shape, ...)` is the estimator; `check_fits(...)` compares it with the
-memory available on the module's device (RAM on the CPU: MemAvailable, or the cgroup's limit if
-lower; free device memory plus torch's cached blocks on CUDA) and refuses with an InputError that
-names width, height and batch_size and shows the estimate against what is available. The nodes
+memory available on the module's device (RAM on the CPU: the tightest of MemAvailable, the
+process's address-space limit and the cgroup's memory limit (v2 or v1), each less what is in use;
+free device memory plus torch's cached blocks on CUDA) and refuses with an InputError that names width, height and batch_size and shows the estimate against what is available. The nodes
 call it just before the large allocations (encode, sample, decode), never after.
 
 The model of a forward pass in inference mode: at any moment memory holds the pass's persistent
@@ -98,9 +98,7 @@ def available_memory(device):
         fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
         if "MemAvailable" in fields:
             figures.append((int(fields["MemAvailable"].split()[0]) * 1024, "MemAvailable"))
-    limit, current = Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")
-    if limit.exists() and current.exists() and limit.read_text().strip().isdigit():
-        figures.append((int(limit.read_text()) - int(current.read_text()), "the container's memory limit"))
+    figures += _process_limits()
     if not figures:
         try:
             import psutil
@@ -109,6 +107,38 @@ def available_memory(device):
         figures.append((psutil.virtual_memory().available, "available RAM"))
     available, source = min(figures)
     return available, f"RAM ({source})"
+
+
+CGROUP_LIMITS = (  # (limit, usage) files: cgroup v2, then v1's memory controller
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def _process_limits():
+    """[(bytes left under a limit on this process, which limit)]: the address-space rlimit (prlimit, ulimit -v)
+    less the address space in use, and the cgroup's memory limit less its usage (a container's)."""
+    figures = []
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        status = Path("/proc/self/status")
+        if soft != resource.RLIM_INFINITY and status.exists():
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+            used = int(fields["VmSize"].split()[0]) * 1024 if "VmSize" in fields else 0
+            figures.append((max(soft - used, 0), "the process's address-space limit (RLIMIT_AS)"))
+    except (ImportError, OSError, ValueError):  # no resource module (Windows) or no /proc
+        pass
+    for limit, usage in CGROUP_LIMITS:
+        try:
+            cap, used = Path(limit).read_text().strip(), Path(usage).read_text().strip()
+        except OSError:
+            continue
+        if cap.isdigit() and used.isdigit() and int(cap) < 2**60:  # v1 writes a huge number for "no limit"
+            figures.append((max(int(cap) - int(used), 0), "the container's memory limit"))
+            break
+    return figures
 
 
 def check_fits(stage, module, shape, f=1, context_tokens=CONTEXT_TOKENS):

@@ -7,6 +7,7 @@ denoiser, the samplers and SIGMAS all work on scaled latents and mean what Comfy
 import inspect
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ class DiffusionModel:
     resolution: int = None  # the image size it was trained on, when its file says
     empty_context: torch.Tensor = None  # the empty prompt's encoding: the likelihood's default condition
     name: str = None  # the file it came from, for messages
+    factor: int = None  # the autoencoder's downsampling factor f (1 in pixel space), when known
 
     @property
     def in_channels(self):
@@ -51,7 +53,7 @@ class DiffusionModel:
             empty = encode_prompt(CLIPTokenizer(), checkpoint.text_encoder, "")
         return cls(checkpoint.denoiser, checkpoint.schedule, checkpoint.prediction, vae.scale_factor, vae.embed_dim,
                    isinstance(checkpoint.vae, IdentityAutoencoder), checkpoint.resolution, empty,
-                   os.path.basename(checkpoint.path))
+                   os.path.basename(checkpoint.path), vae.f)
 
 
 @dataclass
@@ -192,6 +194,24 @@ def run_sigmas(model, spec, denoise, sigmas=None):
     return spec.sigmas(model_schedule, total)[-(spec.steps + 1):]
 
 
+_SIZE_WARNED = set()  # (model, width, height) already warned about
+
+
+def warn_size(model, latent_shape):
+    """One line on stderr, once per model and size, when a model whose file gives its training resolution
+    samples at another size: small models rarely generalise beyond the size they saw."""
+    if not (model.resolution and model.factor):
+        return
+    height, width = (n * model.factor for n in latent_shape[-2:])
+    key = (model.name, width, height)
+    if (height, width) == (model.resolution, model.resolution) or key in _SIZE_WARNED:
+        return
+    _SIZE_WARNED.add(key)
+    print(f"ldm_nodes: {model.name or 'this model'} was trained on {model.resolution}x{model.resolution} images; "
+          f"sampling at {width}x{height} may give poor pictures (set width and height to {model.resolution})",
+          file=sys.stderr)
+
+
 def sample(model, latent, positive, negative, *, seed, sigmas, sampler_name, cfg, eta=-1.0, guidance_rescale=0.0,
            ddpm_variance="beta_tilde", noise_mask=None, masked_latent=None, callback=None, on_estimate=None):
     """Denoise an unscaled latent [B, C, h, w] along `sigmas`; returns the unscaled result on the CPU.
@@ -214,6 +234,7 @@ def sample(model, latent, positive, negative, *, seed, sigmas, sampler_name, cfg
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed: must be in [0, 2^64 - 1], got {seed}")
     mask = latent_mask(noise_mask, latent.shape) if noise_mask is not None else None
+    warn_size(model, latent.shape)
     z = latent.float() * model.scale_factor
     network = inpainting_network(model, mask, z, masked_latent)
     if len(sigmas) < 2:

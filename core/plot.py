@@ -4,7 +4,8 @@ Drawn with Pillow alone: the per-timestep terms L_{t-1} (t = 2..T) of a Variatio
 log scale, L_0 at t = 1 in another color, and the total with its parts in the title. Values are per
 dimension, in the bound's unit (bits/dim for pixels, nats/dim for latents), so the terms add up to the
 total (all timesteps) or, times (T - 1) / K, estimate it (strided). plot_classification draws candidate
-prompts ranked by their bound (core/classify.py), plot_training a run's curves.
+prompts ranked by their bound (core/classify.py), plot_training a run's curves, and picture_grid the
+training pictures with their captions that `train --dry-run` writes.
 """
 import math
 
@@ -167,3 +168,34 @@ def plot_classification(result, prompts):
     draw.text(((x0 + x1) / 2, height - 14), f"bound minus the best's [{result.unit}], bars +- 2 standard errors",
               fill=AXIS_COLOR, font=font, anchor="mm")
     return image
+
+
+CELL, CAPTION_LINES = 96, 2  # each picture drawn at least this many pixels wide, with two caption lines
+
+
+def picture_grid(images, captions, columns=8):
+    """Training pictures as the trainer sees them (uint8 [N, 3, R, R]), each scaled up by a whole factor
+    (nearest, so no pixel is invented) to at least CELL pixels, its caption in two lines beneath; an RGB
+    PIL image. An empty caption is shown as (no caption)."""
+    font = ImageFont.load_default()
+    n, size = len(images), images.shape[-1]
+    zoom = max(1, -(-CELL // size))
+    cell, text_height, pad = size * zoom, 12 * CAPTION_LINES, 4
+    columns = max(1, min(columns, n))
+    rows = -(-n // columns)
+    sheet = Image.new("RGB", (columns * (cell + pad) + pad, rows * (cell + text_height + 2 * pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    chars = max(4, cell // 6)  # the default font is about 6 pixels a character
+    for k in range(n):
+        x = pad + (k % columns) * (cell + pad)
+        y = pad + (k // columns) * (cell + text_height + 2 * pad)
+        picture = Image.fromarray(images[k].permute(1, 2, 0).numpy()).resize((cell, cell), Image.NEAREST)
+        sheet.paste(picture, (x, y))
+        draw.rectangle([x - 1, y - 1, x + cell, y + cell], outline=GRID_COLOR)
+        text = captions[k] or "(no caption)"
+        lines = [text[i:i + chars] for i in range(0, len(text), chars)][:CAPTION_LINES]
+        if len(text) > chars * CAPTION_LINES:
+            lines[-1] = lines[-1][:-3] + "..."
+        for j, line in enumerate(lines):
+            draw.text((x, y + cell + pad + 12 * j), line, fill=AXIS_COLOR, font=font)
+    return sheet

@@ -8,6 +8,7 @@ memory-mapped file instead. A run started again with the same arguments resumes.
 """
 import copy
 import functools
+import json
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from .checkpoint import can_provide_parts, load_checkpoint, read_model_metadata
 from .errors import InputError
 from .families import FAMILIES, family_of
 from .memory import estimate_peak, shortfall
+from .progress import TextProgress
 from .meta import empty_modules
 from .schedule import TrainingSchedule
 from .text import CLIPTextConfig, CLIPTextModel
@@ -138,32 +140,33 @@ def checkpoint_blocks(network):
 
 
 def _reuse_or_train(path, label, train):
-    """A stage's autoencoder from `path` when an earlier run finished it (loss None), else train() and
-    save its result there (rank 0; the others wait for the file)."""
+    """A stage's autoencoder from `path` when an earlier run finished it, else train() and save its
+    result there (rank 0; the others wait for the file). Its losses stay in its state (stage_histories)."""
     rank = distributed()[0]
     if os.path.exists(path):
         if rank == 0:
             print(f"{label}: using {path}", file=sys.stderr)
-        return load_autoencoder(path), None
-    vae, loss = train()
+        return load_autoencoder(path)
+    vae, _ = train()
     if rank == 0:
+        line = TextProgress(f"{label} saving")
+        line.update(0, 1, f"writing {path}")
         save_autoencoder(path, vae)
+        line.close()
     barrier()
-    return vae, loss
+    return vae
 
 
 def _autoencoder(recipe, dataset):
-    """Stage 1 and the optional decoder fine-tune, each reused from <out> when already done.
-    Returns (vae, final autoencoder loss, final decoder loss); losses are None for reused stages."""
+    """Stage 1 and the optional decoder fine-tune, each reused from <out> when already done."""
     opts = recipe.options(recipe.vae_steps, recipe.vae_batch_size, recipe.vae_lr)
-    vae, vae_loss = _reuse_or_train(os.path.join(recipe.out_dir, "autoencoder.safetensors"), "autoencoder",
-                                    lambda: train_autoencoder(opts, TINY_AUTOENCODER, dataset))
-    decoder_loss = None
+    vae = _reuse_or_train(os.path.join(recipe.out_dir, "autoencoder.safetensors"), "autoencoder",
+                          lambda: train_autoencoder(opts, TINY_AUTOENCODER, dataset))
     if recipe.decoder_steps:
         stage1, opts = vae, recipe.options(recipe.decoder_steps, recipe.vae_batch_size, recipe.vae_lr)
-        vae, decoder_loss = _reuse_or_train(os.path.join(recipe.out_dir, "autoencoder-decoder.safetensors"), "decoder",
-                                            lambda: finetune_decoder(opts, stage1, dataset))
-    return vae, vae_loss, decoder_loss
+        vae = _reuse_or_train(os.path.join(recipe.out_dir, "autoencoder-decoder.safetensors"), "decoder",
+                              lambda: finetune_decoder(opts, stage1, dataset))
+    return vae
 
 
 @dataclass
@@ -246,6 +249,17 @@ def _parts(recipe, resolution):
     return Parts(network, text, vae, schedule, recipe.prediction or "eps", base_ck, False)
 
 
+def stage_histories(out_dir):
+    """{stage: its history (loss curve, time over every run)} from the stage states in <out>: a run that
+    resumed, or reused a finished autoencoder, still records every stage."""
+    histories = {}
+    for stage in STAGES:
+        path = os.path.join(out_dir, f"{stage}-state.safetensors")
+        if os.path.exists(path):
+            histories[stage] = json.loads(state_metadata(path)["history"])
+    return histories
+
+
 def train_model(recipe, dataset, held_out=None, data_record=None, parts=None):
     """The whole recipe (a Recipe) on a dataset of uint8 images with captions (core/datasets.py); writes
     <out>/model.safetensors, each stage resuming from its saved state. Returns the model's path.
@@ -265,9 +279,8 @@ def train_model(recipe, dataset, held_out=None, data_record=None, parts=None):
     network, text, vae, schedule, prediction, base_ck, whole = (parts.network, parts.text, parts.vae, parts.schedule,
                                                                 parts.prediction, parts.base, parts.whole)
     own_autoencoder = vae is None
-    vae_loss = decoder_loss = None
     if vae is None:
-        vae, vae_loss, decoder_loss = _autoencoder(recipe, dataset)
+        vae = _autoencoder(recipe, dataset)
     if recipe.gradient_checkpointing:
         checkpoint_blocks(network)
     opts = recipe.options(recipe.steps, recipe.batch_size, recipe.lr)
@@ -288,16 +301,23 @@ def train_model(recipe, dataset, held_out=None, data_record=None, parts=None):
             record.update(fine_tune=WHOLE_MODEL, train_text=recipe.train_text)
         if recipe.init:
             record["init"] = {"model": recipe.init.name, "training": read_model_metadata(recipe.init.path).get("training")}
-        if own_autoencoder:  # the autoencoder stages ran here
+        if own_autoencoder:  # the autoencoder stages ran here, in this run or an earlier one
             record.update(vae_steps=recipe.vae_steps, vae_batch_size=recipe.vae_batch_size, vae_lr=recipe.vae_lr,
-                          decoder_steps=recipe.decoder_steps, final_autoencoder_loss=vae_loss,
-                          final_decoder_loss=decoder_loss)
+                          decoder_steps=recipe.decoder_steps)
+        stages = stage_histories(recipe.out_dir)
+        for stage in ("autoencoder", "decoder"):
+            if stage in stages:
+                record.update({f"final_{stage}_loss": last_value(stages[stage]), f"{stage}_curves": stages[stage]})
         world = distributed()[1]
         record.update(steps=recipe.steps, batch_size=recipe.batch_size, world_size=world,
                       global_batch_size=recipe.batch_size * world, lr=recipe.lr, seed=recipe.seed, flip=recipe.flip,
                       device=recipe.device, precision=recipe.precision, final_denoiser_loss=last_value(history),
-                      wall_time_s_this_run=round(time.time() - started), curves=history)
+                      wall_time_s_this_run=round(time.time() - started),
+                      training_time_s=round(sum(h.get("wall_time_s", 0) for h in stages.values())), curves=history)
+        line = TextProgress("model saving")
+        line.update(0, 1, f"writing {path}")
         save_model(path, network, vae, text, schedule, prediction, record, parts_from)
+        line.close()
         write_json(os.path.join(recipe.out_dir, "record.json"), record)
     barrier()
     return path

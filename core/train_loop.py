@@ -8,6 +8,10 @@ Under torchrun (WORLD_SIZE > 1) the modules are wrapped in DistributedDataParall
 DistributedSampler gives each rank its share of every global batch, every rank draws the global
 batch's random numbers and keeps its own rows (`Draws`), and only rank 0 prints and writes files:
 the same global batch trains the same model whatever the number of processes.
+
+Ctrl-C or SIGTERM during a stage (one process) finishes the step under way, saves the state at that
+step and raises `Interrupted`; a second one stops at once. Every file is written under a temporary
+name and renamed (`written_whole`), so neither a signal nor a full disk leaves a partial file behind.
 """
 import json
 import math
@@ -23,6 +27,7 @@ from safetensors.torch import save_file
 from .errors import InputError
 from .files import written_whole
 from .progress import TextProgress
+from .stops import Interrupted, deferred_stops, ignore_stop_signals, stop_requested
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,12 @@ class EMA:
 
 
 class Progress:
-    """Step, smoothed loss, samples per second and time left, every `every` steps, on the pack's progress line."""
+    """Step, smoothed loss, samples per second and time left, every `every` steps, on the pack's progress line.
+    loss: the smoothed loss a resumed run had reached, so the curve goes on where it stopped."""
 
-    def __init__(self, label, total, batch_size, start_step, every):
+    def __init__(self, label, total, batch_size, start_step, every, loss=None):
         self.line, self.total, self.batch_size, self.every = TextProgress(label), total, batch_size, every
-        self.start_step, self.start_time, self.loss = start_step, time.time(), None
+        self.start_step, self.start_time, self.loss = start_step, time.time(), loss
 
     def update(self, step, loss):
         self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
@@ -241,15 +247,17 @@ def _batches(dataset, opts, rank, world, step):
         sampler.set_epoch(epoch)
         indices = list(sampler)[skip * opts.batch_size:per_epoch * opts.batch_size]
         yield from torch.utils.data.DataLoader(torch.utils.data.Subset(data, indices), batch_size=opts.batch_size,
-                                               num_workers=opts.workers, pin_memory=opts.device.startswith("cuda"))
+                                               num_workers=opts.workers, pin_memory=opts.device.startswith("cuda"),
+                                               worker_init_fn=ignore_stop_signals)
         epoch, skip = epoch + 1, 0
 
 
 def run_stage(label, opts, modules, loss_fn, dataset, info, ema_decay, on_save=None):
     """The shared loop: AdamW on `learning_rate`, EMA, progress, periodic resumable state.
     loss_fn(wrapped modules, batch, draws) -> loss, on this rank's share of the global batch.
-    on_save(step, history) runs after each save, on rank 0, which alone writes files and prints.
-    Returns the EMA and the history {"loss": [[step, smoothed loss], ...], ...}."""
+    on_save(step, history) runs before each save, on rank 0, which alone writes files and prints.
+    Returns the EMA and the history {"loss": [[step, smoothed loss], ...], "wall_time_s": the stage's
+    time over every run, "smoothed_loss": the last one, ...}. Raises Interrupted after a stop request."""
     rank, world = distributed()
     device = torch.device(opts.device)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -263,40 +271,59 @@ def run_stage(label, opts, modules, loss_fn, dataset, info, ema_decay, on_save=N
         step, history = load_state(state_path, modules, optimizer, ema, generator, info)
         if rank == 0:
             print(f"{label}: resuming at step {step} from {state_path}", file=sys.stderr)
+    started, spent, saved = time.time(), history.get("wall_time_s", 0), step
     wrapped = {name: _wrap(m, device, world) for name, m in modules.items()}
-    progress = Progress(label, opts.steps, opts.batch_size * world, step, opts.log_every)
+    progress = Progress(label, opts.steps, opts.batch_size * world, step, opts.log_every, history.get("smoothed_loss"))
     draws = Draws(generator, rank, world)
     batches = _batches(dataset, opts, rank, world, step)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16")
-    while step < opts.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(opts, step)
-        try:
-            with autocast:
-                loss = loss_fn(wrapped, next(batches), draws)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        except RuntimeError as error:
-            if not _out_of_memory(error):
-                raise
-            raise InputError(BATCH_FLAGS[label], f"{opts.batch_size} ran out of memory at step {step + 1} of the "
-                                                 f"{label} stage; lower it (the run resumes from its last saved "
-                                                 "state)") from None
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        step += 1
-        ema.update(ema_target, step)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{label}: the loss became {loss.item()} at step {step}; lower --lr")
-        if rank == 0:
-            progress.update(step, loss.item())
-            if step % opts.log_every == 0 or step == opts.steps:
-                history["loss"].append([step, progress.loss])
-            if step % opts.save_every == 0 or step == opts.steps:
-                if on_save:
-                    on_save(step, history)
-                save_state(state_path, modules, optimizer, ema, step, generator, info, history)
+    with deferred_stops():
+        while step < opts.steps:
+            if stop_requested():
+                if rank == 0 and saved != step:
+                    _save(label, opts, state_path, modules, optimizer, ema, step, generator, info, history, progress,
+                          round(spent + time.time() - started, 1), None)
+                raise Interrupted(label, step, opts.steps, state_path)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(opts, step)
+            try:
+                with autocast:
+                    loss = loss_fn(wrapped, next(batches), draws)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            except RuntimeError as error:
+                if not _out_of_memory(error):
+                    raise
+                raise InputError(BATCH_FLAGS[label], f"{opts.batch_size} ran out of memory at step {step + 1} of the "
+                                                     f"{label} stage; lower it (the run resumes from its last saved "
+                                                     "state)") from None
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            ema.update(ema_target, step)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"{label}: the loss became {loss.item()} at step {step}; lower --lr")
+            if rank == 0:
+                progress.update(step, loss.item())
+                if step % opts.log_every == 0 or step == opts.steps:
+                    history["loss"].append([step, progress.loss])
+                if step % opts.save_every == 0 or step == opts.steps:
+                    _save(label, opts, state_path, modules, optimizer, ema, step, generator, info, history, progress,
+                          round(spent + time.time() - started, 1), on_save)
+                    saved = step
     return ema, history
+
+
+def _save(label, opts, path, modules, optimizer, ema, step, generator, info, history, progress, wall_time, on_save):
+    """The state at `step` (after on_save's report), saying so while the file is written; the history keeps
+    the smoothed loss and the stage's time over every run, so a resumed run goes on from both."""
+    history.update(wall_time_s=wall_time, smoothed_loss=progress.loss)
+    if on_save:
+        on_save(step, history)
+    line = TextProgress(f"{label} state")
+    line.update(step, opts.steps, f"saving {path}")
+    save_state(path, modules, optimizer, ema, step, generator, info, history)
+    line.close()
 
 
 BATCH_FLAGS = {"autoencoder": "--vae-batch-size", "decoder": "--vae-batch-size", "denoiser": "--batch-size"}

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import fields, replace
 
 import numpy as np
 import torch
@@ -18,15 +19,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder
-from .errors import InputError
 from .checkpoint import save_checkpoint
+from .errors import InputError
+from .files import written_whole
 from .likelihood import variational_bound
-from .plot import plot_training
 from .objective import l_simple
+from .plot import plot_training
+from .progress import TextProgress
+from .stops import ignore_stop_signals
 from .text import CLIPTokenizer, tokenize_weighted
-
-
-from .train_loop import barrier, distributed, flip, run_stage, written_whole
+from .train_loop import barrier, distributed, flip, run_stage
 
 
 # --- stage 1: the autoencoder ----------------------------------------------------------------
@@ -139,15 +141,25 @@ def finetune_decoder(opts, vae, dataset, ema_decay=0.999):
 
 # --- stage 2: text encoder and denoiser -------------------------------------------------------
 
+def _first_images(dataset, count):
+    """uint8 [n, 3, R, R]: the first `count` images of a dataset (all of a smaller one)."""
+    return torch.stack([dataset[i][0] for i in range(min(len(dataset), count))])
+
+
 @torch.no_grad()
-def encode_dataset(vae, images, device, batch_size=256):
-    """Posterior mean and std of the latents (unscaled) of uint8 images [N, 3, R, R]."""
+def encode_dataset(vae, images, device, batch_size=64, progress=None):
+    """Posterior mean and std of the latents (unscaled) of uint8 images [N, 3, R, R]; progress: a
+    TextProgress told of each batch when there are several (and closed), or None."""
     means, stds = [], []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device).float() / 127.5 - 1
         posterior = vae.encode(x)
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
+        if progress and len(images) > batch_size:
+            progress.update(min(i + batch_size, len(images)), len(images), "images encoded")
+    if progress:
+        progress.close()
     return torch.cat(means), torch.cat(stds)
 
 
@@ -172,22 +184,31 @@ class LatentCache(torch.utils.data.Dataset):
     @staticmethod
     @torch.no_grad()
     def build(path, vae, dataset, opts):
-        """Encode `dataset` into `path` (rank 0 writes, the others wait), unless an earlier run did."""
+        """Encode `dataset` into `path` (rank 0 writes, the others wait), unless an earlier run did; the
+        caches of other settings in the same folder are removed (they would only take space)."""
         if distributed()[0] == 0 and not os.path.exists(path):
+            folder = os.path.dirname(path)
+            for name in os.listdir(folder):
+                if name.startswith("latents-") and name.endswith(".npy"):
+                    os.remove(os.path.join(folder, name))
             device = torch.device(opts.device)
             orientations = 2 if opts.flip else 1
             shape = (len(dataset), orientations, 2, *_latent_shape(vae.config, dataset.resolution))
+            line = TextProgress("caching latents")
             with written_whole(path, ".tmp.npy") as tmp:
                 array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-                loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=opts.workers)
+                loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=opts.workers,
+                                                     worker_init_fn=ignore_stop_signals)
                 for images, index in loader:
                     x = images.to(device).float() / 127.5 - 1
                     for k, view in enumerate((x, x.flip(-1))[:orientations]):
                         posterior = vae.encode(view)
                         array[index.numpy(), k, 0] = posterior.mean.cpu().numpy()
                         array[index.numpy(), k, 1] = posterior.std.cpu().numpy()
+                    line.update(int(index[-1]) + 1, len(dataset), f"images encoded into {path}")
                 array.flush()
                 del array
+            line.close()
         barrier()
         return LatentCache(path)
 
@@ -233,8 +254,9 @@ def train_denoiser(opts, vae, network, text, dataset, schedule, prediction="eps"
     torch.manual_seed(opts.seed)
     device = torch.device(opts.device)
     if fit_scale:
-        sample = torch.stack([dataset[i][0] for i in range(min(len(dataset), SCALE_SAMPLE))])
-        vae.config.scale_factor = latent_scale(vae, *encode_dataset(vae, sample, device), opts.seed)
+        vae.config.scale_factor = latent_scale(vae, *encode_dataset(vae, _first_images(dataset, SCALE_SAMPLE), device,
+                                                                    progress=TextProgress("fitting the scale")),
+                                               opts.seed)
     scale = vae.config.scale_factor
     ids, empty_ids = caption_ids(dataset.captions)
     empty_ids = empty_ids.to(device)
@@ -249,8 +271,9 @@ def train_denoiser(opts, vae, network, text, dataset, schedule, prediction="eps"
         info["text_digest"] = parameter_digest(text)
     if init:
         info["init"] = init
-    if cache_latents:
-        digest = hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
+    if cache_latents:  # named by what the latents depend on: a new batch size or lr reuses them
+        depends = {k: info[k] for k in ("data", "images", "resolution", "flip", "vae_digest")}
+        digest = hashlib.sha1(json.dumps(depends, sort_keys=True).encode()).hexdigest()[:12]
         data = LatentCache.build(os.path.join(opts.out_dir, f"latents-{digest}.npy"), vae, dataset, opts)
     else:
         data = dataset
@@ -280,12 +303,13 @@ def train_denoiser(opts, vae, network, text, dataset, schedule, prediction="eps"
     modules = {"network": network, "text": text} if train_text else {"network": network}
 
     def report(step, history):
-        bound = held_out_bound(network, text, vae, schedule, prediction, *held_out)
+        bound = held_out_bound(network, text, vae, schedule, prediction, *held_out, batch_size=opts.batch_size)
         error = float(bound.standard_error.pow(2).mean().div(len(held_out[0])).sqrt())
         history.setdefault("held_out_bound", []).append([step, float(bound.total.mean()), error])
         history["unit"] = bound.unit
-        print(f"\ndenoiser {step}: bound {bound.total.mean():.4f} +- {error:.4f} {bound.unit} "
-              f"on {len(held_out[0])} held-out images", file=sys.stderr)
+        print(f"\ndenoiser {step}: bound {bound.total.mean():.4f} +- {error:.4f} {bound.unit} on "
+              f"{len(held_out[0])} held-out images (+-: one standard error of its estimate from "
+              f"{HELD_OUT_TIMESTEPS} random timesteps per image; more --val makes it smaller)", file=sys.stderr)
         write_curves(opts.out_dir, history)
 
     ema, history = run_stage("denoiser", opts, modules, loss_fn, data, info, ema_decay,
@@ -313,18 +337,34 @@ def write_json(path, value):
         json.dump(value, f, indent=2)
 
 
+HELD_OUT_TIMESTEPS = 50  # timesteps per held-out image in the bound's strided estimate
+
+
 @torch.no_grad()
-def held_out_bound(network, text, vae, schedule, prediction, images, captions, timesteps=50, seed=0):
+def held_out_bound(network, text, vae, schedule, prediction, images, captions, timesteps=HELD_OUT_TIMESTEPS, seed=0,
+                   batch_size=64):
     """The variational bound (core/likelihood.py) of uint8 images under the conditioned network: bits/dim
     in pixel space, nats per latent dimension of the scaled posterior mean otherwise; a strided estimate
-    with the same draws every time, so successive reports compare like with like."""
+    with the same draws every time, so successive reports compare like with like. Images go through in
+    groups of `batch_size` (memory stays that of one group), with a progress line when there are several."""
     device = next(network.parameters()).device
-    x = images.to(device).float() / 127.5 - 1
     pixel = isinstance(vae, IdentityAutoencoder)
-    x0 = x if pixel else vae.encode(x).mode() * vae.config.scale_factor
-    context = text(caption_ids(captions)[0].to(device))
-    return variational_bound(network, x0, schedule, prediction, context, discrete=pixel, timesteps=timesteps,
-                             generator=torch.Generator().manual_seed(seed))
+    ids = caption_ids(captions)[0]
+    generator = torch.Generator().manual_seed(seed)
+    line = TextProgress("held-out bound") if len(images) > batch_size else None
+    bounds = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device).float() / 127.5 - 1
+        x0 = x if pixel else vae.encode(x).mode() * vae.config.scale_factor
+        context = text(ids[i:i + batch_size].to(device))
+        bounds.append(variational_bound(network, x0, schedule, prediction, context, discrete=pixel,
+                                        timesteps=timesteps, generator=generator))
+        if line:
+            line.update(min(i + batch_size, len(images)), len(images), "held-out images scored")
+    if line:
+        line.close()
+    return replace(bounds[0], **{f.name: torch.cat([getattr(b, f.name) for b in bounds]) for f in fields(bounds[0])
+                                 if isinstance(getattr(bounds[0], f.name), torch.Tensor)})
 
 
 def save_model(path, network, vae, text, schedule, prediction, record, parts_from=None):

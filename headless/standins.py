@@ -94,13 +94,10 @@ def _save_pngs(images, root, filename_prefix, kind, compress_level, prompt, extr
 
 
 def _write_png(image, path, info, compress_level):
-    """Write under a temporary name, then rename: a full disk leaves no truncated PNG behind."""
-    try:
-        with written_whole(path) as tmp:
-            image.save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
-    except OSError as error:
-        raise OSError(error.errno, f"cannot write {path} ({error.strerror or error}); no partial file was "
-                                   "left") from error
+    """Write under a temporary name, then rename: a full disk leaves no truncated PNG behind (InputError
+    naming the file)."""
+    with written_whole(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
 
 
 class SaveImage:

@@ -429,3 +429,18 @@ def test_pixel_model_samples_at_scale_one():
     out = sample(model, z, COND, None, seed=0, sampler_name="euler", cfg=1.0,
                  sigmas=torch.tensor([2.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(out, z + 2.0 * fresh_noise(0, z.shape))  # D(x) = x leaves the start
+
+
+def test_sampling_at_another_size_than_the_training_one_warns_once(capsys):
+    from ldm_nodes.core.pipeline import warn_size
+
+    model = DiffusionModel(None, None, "eps", 1.0, 4, resolution=32, name="mine.safetensors", factor=4)
+    warn_size(model, (1, 4, 8, 8))  # 32 x 32: as trained
+    assert capsys.readouterr().err == ""
+    for _ in range(3):
+        warn_size(model, (2, 4, 16, 16))
+    err = capsys.readouterr().err
+    assert err == ("ldm_nodes: mine.safetensors was trained on 32x32 images; sampling at 64x64 may give poor "
+                   "pictures (set width and height to 32)\n")
+    warn_size(DiffusionModel(None, None, "eps", 1.0, 4, name="unknown.safetensors", factor=4), (1, 4, 16, 16))
+    assert capsys.readouterr().err == ""  # no resolution in its file: nothing to compare

@@ -106,6 +106,25 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, data):
         assert torch.equal(a, b), name
 
 
+def test_a_resumed_run_goes_on_with_the_smoothed_loss_curve_and_adds_up_its_time(tmp_path, data):
+    """No spike at a resume: the smoothed loss continues from the saved one, so the curve is the one an
+    uninterrupted run draws; the stage's time is summed over the runs."""
+    images, _ = data
+
+    def curve(out, steps):
+        opts = train.RunOptions(str(out), steps, batch_size=8, lr=1e-3, warmup=5, save_every=3, log_every=1)
+        return train.train_autoencoder(opts, VAE, dataset(images))
+
+    curve(tmp_path / "whole", 9)
+    curve(tmp_path / "split", 6)
+    curve(tmp_path / "split", 9)
+    whole, split = (json.loads(train.state_metadata(tmp_path / name / "autoencoder-state.safetensors")["history"])
+                    for name in ("whole", "split"))
+    assert [row[0] for row in split["loss"]] == list(range(1, 10))
+    assert split["loss"] == whole["loss"]
+    assert split["wall_time_s"] > 0 and split["smoothed_loss"] == whole["smoothed_loss"]
+
+
 def test_resume_refuses_other_settings(tmp_path, data):
     images, _ = data
     train.train_autoencoder(options(tmp_path, 5), VAE, dataset(images))
@@ -314,8 +333,10 @@ def test_autoencoder_stages_are_trained_once_then_reused(tmp_path, data, monkeyp
     train.train_model(run, dataset(images, captions))
     err = capsys.readouterr().err
     assert "autoencoder: using" in err and "decoder: using" in err
-    again = json.loads((tmp_path / "record.json").read_text())
-    assert again["final_autoencoder_loss"] is None and again["final_decoder_loss"] is None
+    again = json.loads((tmp_path / "record.json").read_text())  # the reused stages keep their record
+    for key in ("final_autoencoder_loss", "final_decoder_loss", "autoencoder_curves", "decoder_curves"):
+        assert again[key] == first[key] and again[key] is not None, key
+    assert again["training_time_s"] >= first["training_time_s"]
 
 
 def test_train_command_names_a_missing_init_model(tmp_path, capsys):

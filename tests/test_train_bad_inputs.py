@@ -2,6 +2,7 @@
 traceback, and nothing written."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from ldm_nodes.cli import main
-from ldm_nodes.core import memory, train, train_stages
+from ldm_nodes.core import datasets, memory, train, train_loop, train_stages
 
 FAST = ["--images", "8", "--resolution", "32", "--vae-steps", "1", "--steps", "1", "--batch-size", "2",
         "--vae-batch-size", "2", "--workers", "0", "--val", "0"]
@@ -195,3 +196,117 @@ def test_a_folder_of_one_image_trains_without_a_held_out_split(tmp_path, capsys)
     record = json.loads((out / "record.json").read_text())
     assert record["images"] == 1 and record["held_out"] == 0 and record["uncaptioned_images"] == 1
     assert "held_out_bound" not in record["curves"]
+
+
+def test_a_two_million_pixel_strip_is_skipped_by_name_before_it_is_decoded(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (2_000_000, 1), "red").save(data / "strip.png")  # 6 KB on disk, 24 GB once resized
+    Image.new("RGB", (1, 100_000), "red").save(data / "column.png")
+    picture(data / "fine.png")
+    decoded, read_image = [], datasets.read_image
+
+    def reading(path):
+        decoded.append(Path(path).name)
+        return read_image(path)
+
+    monkeypatch.setattr(datasets, "read_image", reading)
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "out"), "--data", str(data), "--dry-run", *FAST[2:]]) == 0
+    err = capsys.readouterr().err
+    assert "skipping 2 unusable image(s)" in err and "column.png (1 x 100000 pixels" in err and "strip.png" in err
+    assert set(decoded) == {"fine.png"}  # the strips were refused from their headers
+    (data / "fine.png").unlink()
+    line = refused(capsys, ["--out", str(tmp_path / "out2"), "--data", str(data)], "--data")
+    assert "none of its 2 images" in line and "times longer" in line
+
+
+def test_held_out_counts_beyond_the_data_are_refused_before_any_work(tmp_path, capsys):
+    line = refused(capsys, ["--out", str(tmp_path / "out"), "--val", "100000"], "--val")
+    assert "100,000 held-out scenes for 30,000" in line
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        picture(data / f"{i}.png", seed=i)
+    assert "holds 3" in refused(capsys, ["--out", str(tmp_path / "out"), "--data", str(data), "--val", "50"], "--val")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_memory_figure_is_the_tightest_of_ram_and_the_process_limits(tmp_path, monkeypatch):
+    import resource
+
+    ram, _ = memory.available_memory("cpu")
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (2**30, resource.RLIM_INFINITY) if which ==
+                        resource.RLIMIT_AS else (resource.RLIM_INFINITY,) * 2)
+    available, source = memory.available_memory("cpu")
+    assert available < 2**30 and "RLIMIT_AS" in source  # the address space in use counts against the limit
+    monkeypatch.undo()
+    limit, usage = tmp_path / "limit_in_bytes", tmp_path / "usage_in_bytes"
+    limit.write_text(f"{3 * 2**30}\n")
+    usage.write_text(f"{2**30}\n")
+    monkeypatch.setattr(memory, "CGROUP_LIMITS", (("/nonexistent/memory.max", "/nonexistent/memory.current"),
+                                                  (str(limit), str(usage))))
+    if ram > 2 * 2**30:
+        assert memory.available_memory("cpu") == (2 * 2**30, "RAM (the container's memory limit)")
+    limit.write_text(f"{2**63 - 4096}\n")  # cgroup v1's "no limit"
+    assert memory.available_memory("cpu")[0] == ram or "MemAvailable" in memory.available_memory("cpu")[1]
+
+
+def test_a_megabyte_caption_is_refused_by_its_file_before_any_training(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        picture(data / f"{i}.png", seed=i)
+    (data / "0.txt").write_text("a cat " * 200_000)
+    line = refused(capsys, ["--out", str(tmp_path / "out"), "--data", str(data), *FAST[2:]], str(data / "0.txt"))
+    assert "over 16,384 bytes" in line
+    (data / "0.txt").write_text("a cat " * 100)  # small, but past 75 tokens
+    assert "longer than 75 tokens" in refused(capsys, ["--out", str(tmp_path / "out"), "--data", str(data)],
+                                              str(data / "0.txt"))
+    (data / "0.txt").unlink()
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "1.png", "text": "dog " * 100}) + "\n")
+    refused(capsys, ["--out", str(tmp_path / "out"), "--data", str(data)], f"{data / 'metadata.jsonl'} (1.png)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out", ["/proc/x", "/sys/x/y"])
+def test_an_out_folder_that_cannot_be_made_is_one_line(out, capsys):
+    assert "cannot be created" in refused(capsys, ["--out", out, *FAST], "--out")
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_saved_state_stays(tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    out = tmp_path / "out"
+    assert main(["train", "--out", str(out), *FAST, "--steps", "2", "--save-every", "1"]) == 0
+    state = out / "denoiser-state.safetensors"
+    before = state.read_bytes()
+    writing = train_loop.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        with open(path, "wb") as f:  # a part of the file, then the disk is full
+            f.write(b"\0" * 1000)
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(train_loop, "save_file", full_disk)
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), *FAST, "--steps", "3", "--save-every", "1"]) == 1
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after the progress lines of the step that ran
+    assert "Traceback" not in err and line.startswith(f"error: {state}: could not be written")
+    assert "No space left on device" in line and "the copy saved before is intact" in line
+    assert state.read_bytes() == before and not list(out.glob("*.tmp")) and not (out / "train.lock").exists()
+    monkeypatch.setattr(train_loop, "save_file", writing)
+
+
+def test_symbolic_link_loops_in_the_data_are_reported(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    picture(data / "real.png")
+    os.symlink(data / "loop.png", data / "loop.png")
+    os.symlink(data / "gone.png", data / "dangling.png")
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "out"), "--data", str(data), "--dry-run", *FAST[2:]]) == 0
+    err = capsys.readouterr().err
+    assert "skipping 2 unusable image(s)" in err
+    assert "loop.png (a symbolic link loop)" in err and "dangling.png (a link to nothing)" in err

@@ -101,7 +101,18 @@ def test_cached_latents_train_the_same_model_as_encoding_every_step(folder, tmp_
         net, *_ = train.train_denoiser(opts, copy.deepcopy(vae), copy.deepcopy(unet), copy.deepcopy(text), dataset,
                                        TrainingSchedule("scaled_linear"), cache_latents=cache)
         results.append(net.state_dict())
-    assert len(list((tmp_path / "True").glob("latents-*.npy"))) == 1
+    (cached,) = (tmp_path / "True").glob("latents-*.npy")
+    (tmp_path / "True" / "denoiser-state.safetensors").unlink()  # the same folder, another batch size:
+    opts = train.RunOptions(str(tmp_path / "True"), 1, batch_size=2, lr=1e-3, warmup=1, save_every=3, flip=True)
+    train.train_denoiser(opts, copy.deepcopy(vae), copy.deepcopy(unet), copy.deepcopy(text), dataset,
+                         TrainingSchedule("scaled_linear"), cache_latents=True)
+    assert list((tmp_path / "True").glob("latents-*.npy")) == [cached]  # the same latents, reused
+    opts = train.RunOptions(str(tmp_path / "True"), 1, batch_size=2, lr=1e-3, warmup=1, save_every=3)
+    (tmp_path / "True" / "denoiser-state.safetensors").unlink()
+    train.train_denoiser(opts, copy.deepcopy(vae), copy.deepcopy(unet), copy.deepcopy(text), dataset,
+                         TrainingSchedule("scaled_linear"), cache_latents=True)
+    (other,) = (tmp_path / "True").glob("latents-*.npy")  # no flip: other latents, and the old file gone
+    assert other != cached
     moved = 0
     for k, v in results[0].items():
         torch.testing.assert_close(results[1][k], v, rtol=1e-4, atol=1e-5)
@@ -134,3 +145,57 @@ def test_a_model_trained_on_a_folder_runs_by_its_path(folder, tmp_path, monkeypa
         model_paths.set_model_dirs(saved)  # `run` allowed file paths for this process
     (png,) = images.glob("*.png")
     assert Image.open(png).size == (32, 32)
+
+
+def transparent_folder(root, count=4):
+    """RGBA pictures whose transparent half hides pure green (what an icon's edges smear into hiding)."""
+    root.mkdir()
+    for i in range(count):
+        rgba = np.zeros((40, 40, 4), dtype=np.uint8)
+        rgba[..., 1] = 255  # pure green everywhere, hidden where alpha is 0
+        rgba[10:30, 10:30] = (200, 40, 40, 255)  # an opaque red square
+        rgba[12:16, 12:16, 3] = 128  # and a half-transparent corner
+        Image.fromarray(rgba, "RGBA").save(root / f"icon{i}.png")
+        (root / f"icon{i}.txt").write_text(f"red square {i}")
+    # a palette picture whose transparent index is green: Pillow warns when it is converted to RGB
+    palette = Image.new("P", (40, 40), 1)
+    palette.putpalette([200, 40, 40, 0, 255, 0] + [0] * 762)
+    palette.paste(0, (10, 10, 30, 30))
+    palette.save(root / "palette.png", transparency=bytes([255, 0] + [255] * 254))
+    return root
+
+
+def green(images):
+    """The pixels, of uint8 [N, 3, H, W], where green stands out: the hidden colour showing through."""
+    r, g, b = images.int().unbind(1)
+    return int(((g > r + 60) & (g > b + 60)).sum())
+
+
+def test_transparent_pictures_are_laid_over_the_background_so_the_hidden_green_never_shows(tmp_path, recwarn):
+    scan = scan_folder(transparent_folder(tmp_path / "icons"), 32)
+    images = materialise(scan.dataset)
+    assert len(images) == 5 and green(images) == 0
+    assert (images[:, :, 0, 0] == 255).all()  # the transparent corner is white
+    assert not [w for w in recwarn if "Transparency" in str(w.message)]  # Pillow's palette warning is not raised
+    black = materialise(scan_folder(tmp_path / "icons", 32, background=(0.0, 0.0, 0.0)).dataset)
+    assert (black[:, :, 0, 0] == 0).all() and green(black) == 0
+    center = images[:4, :, 16, 16].float()  # the opaque square is untouched
+    assert (center - torch.tensor([200.0, 40.0, 40.0])).abs().max() <= 2
+
+
+def test_dry_run_draws_the_pictures_the_trainer_sees_and_trains_nothing(tmp_path, capsys):
+    icons = transparent_folder(tmp_path / "icons")
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(icons), "--out", str(out), "--resolution", "32", "--val", "1",
+                 "--workers", "0", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "dry run" in err and "nothing trained" in err
+    assert sorted(p.name for p in out.iterdir()) == ["data.png"]  # no state, no lock left
+    sheet = np.asarray(Image.open(out / "data.png").convert("RGB"))
+    r, g, b = (sheet[..., k].astype(int) for k in range(3))
+    assert not ((g > r + 60) & (g > b + 60)).any()  # no green anywhere in the grid
+    assert ((r > 150) & (g < 80)).sum() > 3 * 48 * 48  # the red squares, drawn at 3x
+    assert main(["train", "--data", str(icons), "--out", str(tmp_path / "green"), "--resolution", "32",
+                 "--background", "#00ff00", "--val", "1", "--workers", "0", "--dry-run"]) == 0
+    sheet = np.asarray(Image.open(tmp_path / "green" / "data.png").convert("RGB")).astype(int)
+    assert ((sheet[..., 1] > 200) & (sheet[..., 0] < 50)).any()  # a chosen background shows as chosen

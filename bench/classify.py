@@ -74,7 +74,7 @@ def main():
         print(f"{kind}: {hits}/{n} = {100 * hits / max(n, 1):.1f} % ranked first by the bound "
               f"({100 * eps_right[kind] / max(n, 1):.1f} % by the uniform eps-error)")
     print(f"{seconds:.1f} s for {len(asked)} questions ({seconds / len(asked):.2f} s each), {cpu_seconds:.1f} s of "
-          f"CPU time (on an idle machine the wall time is at most this); load average {os.getloadavg()[0]:.2f} at the end")
+          f"CPU time (idle, the wall time is at most this); load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
 

@@ -100,12 +100,11 @@ def test_results_do_not_depend_on_how_the_pairs_are_batched():
 
 
 def test_refusals_name_the_input():
+    schedule = TrainingSchedule("linear", 10, 1e-3, 0.1)
     with pytest.raises(ValueError, match="at least 2 candidates"):
-        classify_bound(lambda x, t, c: x, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 1), TrainingSchedule("linear", 10, 1e-3, 0.1), 3,
-                       None, discrete=False)
+        classify_bound(lambda x, t, c: x, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 1), schedule, 3, None, discrete=False)
     with pytest.raises(ValueError, match="timesteps"):
-        classify_bound(lambda x, t, c: x, torch.zeros(1, 1, 2, 2), torch.zeros(2, 1, 1), TrainingSchedule("linear", 10, 1e-3, 0.1), 1,
-                       None, discrete=False)
+        classify_bound(lambda x, t, c: x, torch.zeros(1, 1, 2, 2), torch.zeros(2, 1, 1), schedule, 1, None, discrete=False)
 
 
 # --- the command ---------------------------------------------------------------------------------------------

@@ -45,7 +45,10 @@ def cpu_layout(module):
     reordering each input and output (bench/RESULTS.md: 1.1x on the built-in UNet's step, up to 1.3x on
     the pixel model's nll batches, outputs within 1e-5 of NCHW). Modules off the CPU are unchanged."""
     on_cpu = all(p.device.type == "cpu" for p in module.parameters())
-    return channels_last(module) if on_cpu else module
+    if not on_cpu:
+        return module
+    with torch.inference_mode(False):  # new weights made under inference mode could not be used outside it
+        return channels_last(module)
 
 
 def gpu_layout(module):

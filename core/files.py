@@ -47,5 +47,6 @@ def written_whole(path, suffix=".tmp"):
             os.remove(tmp)
         if isinstance(error, (OSError, SafetensorError)):
             kept = "the copy saved before is intact" if os.path.exists(path) else "nothing was written"
-            raise InputError(path, f"could not be written ({error.strerror or error}); {kept}") from None
+            why = getattr(error, "strerror", None) or error  # SafetensorError has no strerror
+            raise InputError(path, f"could not be written ({why}); {kept}") from None
         raise

@@ -51,12 +51,12 @@ def preview_host():
 
 
 def last_preview_and_image(ckpt_name, size, keeper, steps=10, sampler_name="dpmpp_2m"):
-    model, text_encoder, vae = LDMLoadModel().load(ckpt_name, "auto")
+    model, text_encoder, vae = LDMLoadModel().load(ckpt_name, "fp32")  # the same on every CPU
     positive, = LDMEncodeText().encode(text_encoder, PROMPT)
     negative, = LDMEncodeText().encode(text_encoder, "")
     schedule, _ = LDMNoiseSchedule().schedule("model", steps, "karras", False, model)
     latent, = LDMEmptyLatent().make(vae, size, size, 1)
-    samples, = LDMSample().sample(model, schedule, positive, negative, latent, 3, sampler_name, 5.0, 1.0)
+    samples, _ = LDMSample().sample(model, schedule, positive, negative, latent, 3, sampler_name, 5.0, 1.0)
     image, = LDMDecodeLatent().decode(vae, samples)
     assert len(keeper.previews) == steps and all(p is not None for p in keeper.previews)
     return np.asarray(keeper.previews[-1], np.float64), image[0].numpy() * 255

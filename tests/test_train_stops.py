@@ -16,7 +16,7 @@ from ldm_nodes.cli import main
 from ldm_nodes.core import stops, train, train_loop
 from ldm_nodes.core.datasets import TensorImages
 from ldm_nodes.core.run_lock import LOCK_NAME, hold
-from ldm_nodes.core.unet import UNetConfig
+from ldm_nodes.core.unet import UNetConfig, UNetModel
 from ldm_nodes.core.text import CLIPTextConfig
 
 ARGS = ["--images", "16", "--resolution", "32", "--vae-steps", "1", "--batch-size", "2", "--vae-batch-size", "2",
@@ -76,7 +76,7 @@ def test_a_signal_during_a_save_finishes_the_save_then_stops(tmp_path, monkeypat
     monkeypatch.setattr(train_loop, "save_state", save_state_while_signalled)
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     opts = train_loop.RunOptions(str(tmp_path), 10, batch_size=2, lr=1e-3, warmup=1, save_every=3, log_every=100)
-    unet = train.UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
+    unet = UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
     text = train.CLIPTextModel(CLIPTextConfig(width=32, layers=1, heads=2, mlp_width=64))
     with pytest.raises(stops.Interrupted) as stop:
         train.train_denoiser(opts, train.IdentityAutoencoder(), unet, text,

@@ -12,7 +12,7 @@ from ldm_nodes.core.datasets import TensorImages
 from ldm_nodes.core.pipeline import Conditioning, DiffusionModel, sample
 from ldm_nodes.core.schedule import sampling_schedule
 from ldm_nodes.core.text import CLIPTextConfig, CLIPTokenizer, encode_prompt
-from ldm_nodes.core.unet import UNetConfig
+from ldm_nodes.core.unet import UNetConfig, UNetModel
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
 SIZE, STEPS = 8, 150
@@ -31,7 +31,7 @@ def follows(p_uncond):
     """{word: the share of 16 samples for that prompt whose mean colour is the word's} after training a
     pixel-space UNet and text encoder from scratch on the two colours."""
     torch.manual_seed(0)
-    network = train.UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
+    network = UNetModel(UNetConfig(3, 3, 32, (1, 2), 1, (1,), 1, 32, num_head_channels=16))
     text = train.CLIPTextModel(CLIPTextConfig(width=32, layers=1, heads=2, mlp_width=64))
     with tempfile.TemporaryDirectory() as out:
         opts = train.RunOptions(out, STEPS, batch_size=16, lr=3e-3, warmup=20, save_every=STEPS, log_every=STEPS)

@@ -47,7 +47,9 @@ def cpu_layout(module):
     on_cpu = all(p.device.type == "cpu" for p in module.parameters())
     if not on_cpu:
         return module
-    with torch.inference_mode(False):  # new weights made under inference mode could not be used outside it
+    # the converted weights are of the kind the old ones were: weights made under inference mode could not
+    # be used outside it, and inference-mode weights cannot be converted outside it
+    with torch.inference_mode(any(p.is_inference() for p in module.parameters())):
         return channels_last(module)
 
 

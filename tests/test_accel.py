@@ -509,3 +509,18 @@ def test_cpu_bf16_is_read_from_the_cpu_flags(tmp_path, flags, expected):
     if flags is not None:
         info.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
     assert accel.cpu_has_bf16(str(info)) is expected
+
+
+def test_cpu_layout_keeps_weights_usable_in_the_mode_they_were_made_in():
+    """Weights made outside inference mode and converted under it are still usable outside it (LDMSample
+    converts under inference mode; training and benchmarks run outside), and weights made under it convert."""
+    net = torch.nn.Conv2d(3, 4, 3)
+    with torch.inference_mode():
+        accel.cpu_layout(net)
+    assert not net.weight.is_inference() and net.weight.is_contiguous(memory_format=torch.channels_last)
+    net(torch.randn(1, 3, 8, 8)).sum().backward()  # would raise for inference-mode weights
+    with torch.inference_mode():
+        made_inside = torch.nn.Conv2d(3, 4, 3).to(torch.float32)
+        made_inside.weight = torch.nn.Parameter(torch.randn(4, 3, 3, 3), requires_grad=False)
+    with torch.inference_mode():
+        accel.cpu_layout(made_inside)(torch.randn(1, 3, 8, 8))

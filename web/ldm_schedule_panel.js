@@ -1,5 +1,5 @@
 // ComfyUI extension: a schedule plot on every LDMNoiseSchedule node.
-// The numbers come from GET /ldm/schedule (routes.py -> core/schedule.py); drawing is in ./schedule_plot.js.
+// The numbers come from GET /ldm/schedule (nodes/routes.py -> core/schedule.py); drawing is in ./schedule_plot.js.
 // The plot widget is not serialised: saved workflows and prompts are the same with or without it.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";

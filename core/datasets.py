@@ -68,11 +68,6 @@ class FolderImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        with open_image(self.files[i]) as image:  # the header alone: refuse a strip before decoding it
-            width, height = image.size
-        if max(width, height) > MAX_ASPECT * min(width, height):
-            raise InputError(self.files[i], f"{width} x {height} pixels: more than {MAX_ASPECT} times longer one "
-                                            "way than the other, too narrow to crop a square from")
         rgb = composite(*read_image(self.files[i]), self.background)
         return square_crop(torch.from_numpy(rgb).permute(2, 0, 1), self.resolution), i
 
@@ -181,7 +176,8 @@ def _check_caption(tokenizer, text, source):
 
 
 class _Probe(torch.utils.data.Dataset):
-    """(index, None) for an image that decodes, (index, the reason) for one that does not."""
+    """(index, None) for an image of a FolderImages that decodes and can be cropped square, (index, the
+    reason) for one that cannot. Only what passes here is trained on, so training reads each file once."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -191,10 +187,21 @@ class _Probe(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
+            _check_aspect(self.dataset.files[i])
             self.dataset[i]
         except InputError as error:
             return i, error.reason
         return i, None
+
+
+def _check_aspect(path):
+    """Refuse, from the header before decoding, a picture too narrow to crop a square from: resized on its
+    short side, its long side would be unbounded."""
+    with open_image(path) as image:
+        width, height = image.size
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise InputError(path, f"{width} x {height} pixels: more than {MAX_ASPECT} times longer one way than the "
+                               "other, too narrow to crop a square from")
 
 
 def _jsonl_captions(root):

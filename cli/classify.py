@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+from .types import integer
+
 DEFAULT_MODEL = "builtin/tiny-shapes.safetensors"
 
 
@@ -13,7 +15,7 @@ def add_parser(commands):
 
     parser = commands.add_parser(
         "classify", help="zero-shot classification: rank candidate prompts by the image's bound under each",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, exit_on_error=False,
         description="Score each image under each candidate prompt with DDPM's variational bound at the same "
                     "timesteps and noise for every prompt (Li et al. 2023); the lowest bound is the model's answer. "
                     "Prints, per image, the prompts best first with their bound and the difference to the best "
@@ -28,7 +30,7 @@ def add_parser(commands):
                         help="a builtin/ model name or a .safetensors file's path (default: the built-in shapes UNet)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help="timesteps sampled per image, shared by its prompts (2..T-1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the timestep and noise draws")
+    parser.add_argument("--seed", type=integer(0, 2**64 - 1), default=0, help="seed of the timestep and noise draws")
     parser.add_argument("--json", metavar="OUT", help="also write the results to OUT as JSON")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr (errors still show)")
 
@@ -81,17 +83,12 @@ def _check(args):
     from ..core.checkpoint import read_header
     from ..core.errors import InputError
     from ..core.images import check_image_file
-    from ..nodes.model_paths import model_file
+    from .errors import model_file
 
-    if not 0 <= args.seed < 2**64:
-        raise InputError("--seed", f"must be in [0, 2^64 - 1], got {args.seed}")
     if args.json is not None and (Path(args.json).is_dir() or not Path(args.json).absolute().parent.is_dir()):
         raise InputError("--json", f"{args.json}: not a file in an existing folder")
     questions = _questions(args)
-    try:
-        path = model_file(args.model)
-    except ValueError as error:
-        raise InputError("--model", str(error)) from None
+    path = model_file("--model", args.model)
     header = read_header(path)
     T = header.schedule.num_timesteps
     if not 2 <= args.steps <= T - 1:

@@ -2,7 +2,7 @@
 import sys
 from pathlib import Path
 
-from .errors import fail
+from .errors import fail, model_file
 from .types import integer
 
 
@@ -68,7 +68,7 @@ def _load(args):
     from ..core.images import check_image_file, read_image
     from ..core.pipeline import DiffusionModel, check_bound_steps
     from ..core.text import CLIPTokenizer, encode_prompt
-    from ..nodes.model_paths import model_file, set_model_dirs
+    from ..nodes.model_paths import set_model_dirs
 
     missing = [d for d in args.models_dir if not Path(d).is_dir()]
     if missing:
@@ -80,10 +80,7 @@ def _load(args):
         if not Path(image).is_file():
             raise InputError(image, "no such file")
     set_model_dirs(args.models_dir)
-    try:  # a builtin/ name, a name in --models-dir, or a .safetensors file's path, as `run` takes
-        path = model_file(args.model)
-    except ValueError as error:  # named by the flag, not by the node input ckpt_name
-        raise InputError("--model", str(error).removeprefix("ckpt_name: ")) from None
+    path = model_file("--model", args.model)  # a builtin/ name, a name in --models-dir, or a file's path
     header = read_header(path)
     check_bound_steps(args.steps, header.schedule.num_timesteps, "--steps")
     resolution = header.metadata.get("training", {}).get("resolution")

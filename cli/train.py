@@ -127,12 +127,12 @@ def _train_model_ref(flag, name):
     from ..core.checkpoint import read_model_metadata
     from ..core.errors import InputError
     from ..core.train import ModelRef
-    from ..nodes.model_paths import model_file
+    from .errors import model_file
 
+    path = model_file(flag, name)
     try:
-        path = model_file(name)
         read_model_metadata(path)
-    except ValueError as error:
+    except ValueError as error:  # CheckpointError
         raise InputError(flag, str(error)) from None
     return ModelRef(path, name)
 

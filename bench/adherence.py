@@ -1,11 +1,12 @@
 """Prompt adherence of a shapes model: generate from held-out captions, read the images back.
 
-    python bench/adherence.py [--model builtin/tiny-shapes.safetensors] [--cfg 5] [--seeds 3] [--json FILE]
+    python bench/adherence.py [--model builtin/tiny-shapes.safetensors] [--cfg 5] [--seeds 3] [--size 64] [--json FILE]
 
 For every caption of core/data.held_out_captions(seed) (every color, background, shape, position and
 size at least once) and each of --seeds seeds, one 64x64 image is sampled with 20-step dpmpp_2m on
 karras sigmas and the given cfg, the empty prompt as negative, then read back by
-ldm_nodes/tools/scene_analysis.py (plain image analysis, no learned model). Prints the share of images whose
+ldm_nodes/tools/scene_analysis.py (plain image analysis, no learned model). A model trained at another
+resolution (train --resolution 32) is sampled at --size and its images enlarged to 64x64 (nearest) to be read. Prints the share of images whose
 color, background, shape, position and size match the caption. Deterministic: same model and
 arguments, same figures.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ldm_nodes.core.checkpoint import load_checkpoint
 from ldm_nodes.core.data import held_out_captions, parse_caption
@@ -44,12 +46,14 @@ def generate(checkpoint, captions, seed, cfg, steps=20, size=64, sampler="dpmpp_
     return decode_latent(vae, out)
 
 
-def evaluate(checkpoint, cfg, seeds, caption_seed=CAPTION_SEED):
+def evaluate(checkpoint, cfg, seeds, caption_seed=CAPTION_SEED, size=64):
     """{attribute: share correct} over held-out captions x seeds, and the per-image records."""
     captions = held_out_captions(caption_seed)
     records = []
     for seed in range(seeds):
-        images = generate(checkpoint, captions, seed, cfg)
+        images = generate(checkpoint, captions, seed, cfg, size=size)
+        if size != 64:
+            images = F.interpolate(images.permute(0, 3, 1, 2), size=64, mode="nearest").permute(0, 2, 3, 1)
         for caption, image in zip(captions, images):
             read = analyse((image.numpy() * 255).round().astype(np.uint8))
             want = parse_caption(caption)
@@ -64,11 +68,12 @@ def main():
     parser.add_argument("--model", default="builtin/tiny-shapes.safetensors")
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=64, help="sampled size (the model's training resolution)")
     parser.add_argument("--json", help="write scores and per-image records here")
     args = parser.parse_args()
     checkpoint = load_checkpoint(model_file(args.model))
-    scores, records = evaluate(checkpoint, args.cfg, args.seeds)
-    print(f"{args.model}: {len(records)} images, cfg {args.cfg}, 20-step dpmpp_2m (karras)")
+    scores, records = evaluate(checkpoint, args.cfg, args.seeds, size=args.size)
+    print(f"{args.model}: {len(records)} images at {args.size}x{args.size}, cfg {args.cfg}, 20-step dpmpp_2m (karras)")
     for a in ATTRIBUTES:
         verdict = "ok" if scores[a] >= TARGETS[a] else f"below target {TARGETS[a]:.0%}"
         print(f"  {a:<10} {scores[a]:6.1%}  {verdict}")

@@ -66,7 +66,8 @@ def _load(args):
     from ..core.devices import usable_device
     from ..core.errors import InputError
     from ..core.images import check_image_file, read_image
-    from ..core.pipeline import DiffusionModel, check_bound_steps
+    from ..core.likelihood import check_bound_steps
+    from ..core.pipeline import DiffusionModel
     from ..core.text import CLIPTokenizer, encode_prompt
     from ..nodes.model_paths import set_model_dirs
 

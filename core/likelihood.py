@@ -38,6 +38,7 @@ import torch
 from .denoiser import PREDICTIONS
 from .objective import (VARIANCES, discretized_decoder_nll, gaussian_decoder_nll, model_variance, prior_kl,
                         q_sample, reverse_kl)
+from .schedule import SigmaTable
 
 UNITS = {True: "bits/dim", False: "nats/dim (latent)"}
 
@@ -76,6 +77,22 @@ def predicted_x0(out, x_t, alpha_bar, prediction):
     if prediction == "eps":
         return (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
     return ab.sqrt() * x_t - (1 - ab).sqrt() * out
+
+
+def x0_network(denoise, schedule):
+    """network(x_t, t, context) -> x0_hat for the bound (prediction "x0"), from a k-diffusion denoiser
+    denoise(x, sigma) -> x0 in the variance-exploding scale (ComfyUI's MODEL, whatever it predicts inside):
+    x = x_t / sqrt(alpha_bar_t) at sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (core/schedule.py), the
+    same point of the forward process. `context` is not passed on: such a denoiser holds its conditioning."""
+    alpha_bar = schedule.alpha_bar
+
+    def network(x_t, t, context=None):
+        ab = alpha_bar[t.long().cpu()]
+        sigma = ((1 - ab) / ab).sqrt()
+        x = x_t / ab.sqrt().to(x_t.device, x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return denoise(x, sigma.to(x_t.device, torch.float32))
+
+    return network
 
 
 def bound_terms(network, x0, x_t, i, schedule, prediction="eps", context=None, variance="beta_tilde",
@@ -228,3 +245,35 @@ def _check_context(context, b):
     if context.shape[0] not in (1, b):
         raise ValueError(f"context: batch {context.shape[0]} matches neither 1 nor x0's batch {b}")
     return context.expand(b, *context.shape[1:])
+
+
+def check_bound_steps(steps, T, name="steps"):
+    """The bound's timesteps: 0 for all T, or K (2..T-1) strided with a standard error; ValueError naming
+    `name` otherwise (the node's input, or the command line's flag)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == 0 or 2 <= steps <= T - 1):
+        raise ValueError(f"{name}: 0 (all {T} timesteps) or a strided estimate of 2..{T - 1}, got {steps!r}")
+
+
+def denoiser_likelihood(denoise, x0, sigmas, variance="beta_tilde", steps=0, seed=0, progress=None, batch=64):
+    """The variational bound of latents x0 [B, C, h, w] (the denoiser's own, scaled, space) under a k-diffusion
+    denoiser denoise(x, sigma) -> x0 trained on the discrete sigmas [T] (increasing): a host's model, such as
+    ComfyUI's MODEL, whose prediction type (eps, v) stays inside it. The same draws as likelihood() for the
+    same seed and steps, so the pack's own model wrapped this way gives the same numbers (nats/dim)."""
+    schedule = SigmaTable(sigmas)
+    T = schedule.num_timesteps
+    check_bound_steps(steps, T)
+    calls = math.ceil((T if steps == 0 else steps + 1) / max(1, batch // len(x0)))
+    network = x0_network(denoise, schedule)
+    done = [0]
+
+    def counted(x_t, t, context):
+        out = network(x_t, t).float()
+        done[0] += 1
+        if progress:
+            progress(done[0], calls)
+        return out
+
+    with torch.inference_mode():
+        return variational_bound(counted, x0.float(), schedule, "x0", None, variance, discrete=False,
+                                 timesteps=steps or None, generator=torch.Generator("cpu").manual_seed(seed),
+                                 batch_size=batch)

@@ -19,7 +19,7 @@ from .errors import InputError
 from .eta import call_seconds
 from .inpaint import (ConcatInputs, MaskedDenoiser, concat_inputs, grow_mask, keep_outside, latent_mask, masked_pixels,
                       repeat_to_batch)
-from .likelihood import variational_bound
+from .likelihood import check_bound_steps, variational_bound
 from .samplers import NonFiniteError, get_sampler
 from .schedule import BETA_SCHEDULES, SPACINGS, TrainingSchedule, sampling_schedule
 from .text import CLIPTokenizer, encode_prompt
@@ -352,13 +352,6 @@ def counted_network(model, calls, progress=None):
     return network
 
 
-def check_bound_steps(steps, T, name="steps"):
-    """The bound's timesteps: 0 for all T, or K (2..T-1) strided with a standard error; ValueError naming
-    `name` otherwise (the node's input, or the command line's flag)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == 0 or 2 <= steps <= T - 1):
-        raise ValueError(f"{name}: 0 (all {T} timesteps) or a strided estimate of 2..{T - 1}, got {steps!r}")
-
-
 def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, seed=0, progress=None):
     """The variational bound of each image of IMAGE [B, H, W, 3] in 0..1 (core/likelihood.py).
 
@@ -379,3 +372,4 @@ def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, 
         return variational_bound(network, x0.float().to(device), model.schedule, model.prediction, context.to(device),
                                  variance, discrete=model.pixel_space, timesteps=steps or None,
                                  generator=torch.Generator("cpu").manual_seed(seed), batch_size=batch)
+

@@ -82,6 +82,23 @@ def _interp(x, xp, fp):
 
 
 @dataclass(frozen=True)
+class SigmaTable:
+    """A discrete training schedule known only by its sigmas [T], increasing (ComfyUI's
+    model_sampling.sigmas): alpha_bar_t = 1 / (1 + sigma_t^2), the inverse of TrainingSchedule.sigmas.
+    What the variational bound needs of a host's model."""
+
+    sigmas: torch.Tensor
+
+    @property
+    def num_timesteps(self):
+        return len(self.sigmas)
+
+    @property
+    def alpha_bar(self):
+        return 1 / (1 + self.sigmas.double().cpu() ** 2)
+
+
+@dataclass(frozen=True)
 class TrainingSchedule:
     """The betas a model was trained with, and what follows from them.
 

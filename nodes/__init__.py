@@ -1,7 +1,7 @@
 """ComfyUI node classes (V1 API): input declarations and one call into core/ each."""
 from .classify import LDMClassify
 from .latent import LDMDecodeLatent, LDMEmptyLatent, LDMEncodeImage
-from .likelihood import LDMLikelihood
+from .likelihood import LDMComfyLikelihood, LDMLikelihood
 from .loader import LDMLoadModel
 from .sample import LDMSample
 from .sampler_select import LDMSamplerSelect
@@ -19,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "LDMLikelihood": LDMLikelihood,
     "LDMSamplerSelect": LDMSamplerSelect,
     "LDMClassify": LDMClassify,
+    "LDMComfyLikelihood": LDMComfyLikelihood,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -32,4 +33,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LDMLikelihood": "Likelihood (LDM)",
     "LDMSamplerSelect": "Sampler Select (LDM)",
     "LDMClassify": "Classify by Likelihood (LDM)",
+    "LDMComfyLikelihood": "Likelihood of a ComfyUI MODEL (LDM)",
 }

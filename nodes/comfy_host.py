@@ -5,9 +5,13 @@ import logging
 
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.model_sampling
+import comfy.sample
 import comfy.samplers
 import comfy.utils
+import torch
 
+from ..core.errors import InputError
 from .host import Host, Progress
 
 
@@ -33,6 +37,37 @@ class ComfyHost(Host):
     def sampler(self, function):
         """ComfyUI's SAMPLER: a KSAMPLER calls `function` with k-diffusion's signature (LDMSamplerSelect)."""
         return comfy.samplers.KSAMPLER(function)
+
+    def run_under_model(self, model, conditioning, latent, work):
+        """Through ComfyUI's own sampling path (comfy.sample.sample_custom, cfg 1: the positive only), so the
+        MODEL's patches, LoRAs, memory management and extra conditions (SDXL's sizes) apply: a KSAMPLER
+        whose function hands `work` the guided denoiser and the clean latent (zero noise: x = the scaled
+        latent) and returns it unchanged."""
+        sampling = model.get_model_object("model_sampling")
+        if (not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete)
+                or isinstance(sampling, comfy.model_sampling.StableCascadeSampling)
+                or not isinstance(sampling, comfy.model_sampling.EPS)):
+            raise InputError("model", f"its sampling ({type(sampling).__name__}) is not a discrete DDPM schedule "
+                                      "with x = x0 + sigma eps (SD1.x, SD2.x, SDXL and their fine-tunes are); "
+                                      "the bound needs one")
+        results = []
+
+        def function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+            results.append(work(lambda x_, sigma: model_k(x_, sigma, **(extra_args or {})), x, sampling.sigmas))
+            return x
+
+        ends = torch.stack([sampling.sigma_max, sampling.sigma_min]).float()
+        comfy.sample.sample_custom(model, torch.zeros_like(latent), 1.0, comfy.samplers.KSAMPLER(function), ends,
+                                   conditioning, conditioning, latent, disable_pbar=True, seed=0)
+        return results[0]
+
+    def encode(self, vae, image):
+        ratio = vae.downscale_ratio
+        height, width = image.shape[1:3]
+        if not isinstance(ratio, int) or height % ratio or width % ratio:
+            raise InputError("image", f"{width}x{height} is not a multiple of the VAE's factor {ratio}: resize or "
+                                      "crop it (the bound of a cropped image would not be this image's)")
+        return vae.encode(image[..., :3])
 
 
 class _ComfyProgress(Progress):

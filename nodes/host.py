@@ -10,6 +10,8 @@ nodes/ imports neither ComfyUI nor the runner.
 """
 import torch
 
+from ..core.errors import InputError
+
 
 class Host:
     """The headless host's defaults; a host overrides what it provides."""
@@ -35,6 +37,18 @@ class Host:
     def sampler(self, function):
         """The host's SAMPLER object for a k-diffusion sampling function (here: the function itself)."""
         return function
+
+    def run_under_model(self, model, conditioning, latent, work):
+        """work(denoise, x0, sigmas) under the host's own diffusion model (ComfyUI's MODEL with its
+        CONDITIONING): denoise(x, sigma) -> x0 the model's k-diffusion denoiser with that conditioning, x0 the
+        model's scaled `latent`, sigmas its discrete training sigmas. Returns what work returns. This host
+        has no models of its own."""
+        raise InputError("model", "a ComfyUI MODEL exists only inside ComfyUI; headless, score the pack's own "
+                                  "models with LDMLikelihood")
+
+    def encode(self, vae, image):
+        """The host VAE's latent of IMAGE [B, H, W, 3] (ComfyUI's VAE.encode); this host has none."""
+        raise InputError("vae", "a ComfyUI VAE exists only inside ComfyUI")
 
 
 class Progress:
@@ -96,6 +110,15 @@ def tile_progress():
             made.append(progress(total))
         made[0].update(done)
     return report
+
+
+def run_under_model(model, conditioning, latent, work):
+    """work(denoise, x0, sigmas) under the host's model: see Host.run_under_model."""
+    return _host.run_under_model(model, conditioning, latent, work)
+
+
+def encode(vae, image):
+    return _host.encode(vae, image)
 
 
 def sampler(function):

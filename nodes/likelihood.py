@@ -1,7 +1,9 @@
-"""LDMLikelihood: how many bits a model needs for an image, and which timesteps cost them."""
+"""LDMLikelihood: how many bits a model needs for an image, and which timesteps cost them; LDMComfyLikelihood:
+the same for the models ComfyUI loads itself."""
 import numpy as np
 import torch
 
+from ..core.likelihood import denoiser_likelihood
 from ..core.objective import VARIANCES
 from ..core.pipeline import likelihood
 from ..core.plot import plot_bound
@@ -53,5 +55,46 @@ class LDMLikelihood:
 
         context = conditioning.context if conditioning is not None else None
         bound = likelihood(core, vae.get(), image, context, variance, steps, progress=update)
+        plot = torch.from_numpy(np.asarray(plot_bound(bound), dtype=np.float32) / 255)[None]
+        return (float(bound.total.mean()), plot)
+
+
+class LDMComfyLikelihood:
+    DESCRIPTION = ("LDMLikelihood for the models ComfyUI itself loads (CheckpointLoaderSimple: SD1.x, SD2.x "
+                   "including v-prediction, SDXL and their fine-tunes, with any LoRA or patch applied): the "
+                   "variational bound of the image's latent, in nats per latent dimension, per timestep, read "
+                   "from the model's own discrete schedule and prediction type.")
+    CATEGORY = "latent diffusion"
+    FUNCTION = "score"
+    RETURN_TYPES = ("FLOAT", "IMAGE")
+    RETURN_NAMES = ("nll", "plot")
+    OUTPUT_TOOLTIPS = LDMLikelihood.OUTPUT_TOOLTIPS
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        ours = LDMLikelihood.INPUT_TYPES()["required"]
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "ComfyUI's MODEL (its sampling object gives the schedule)."}),
+                "vae": ("VAE", {"tooltip": "The model's VAE: the image is scored as its scaled latent."}),
+                "image": ("IMAGE", {"tooltip": "RGB images, each side a multiple of the VAE's factor (8)."}),
+                "conditioning": ("CONDITIONING", {"tooltip": "The caption to condition on (CLIPTextEncode)."}),
+                "variance": ours["variance"],
+                "steps": ours["steps"],
+            },
+        }
+
+    def score(self, model, vae, image, conditioning, variance, steps):
+        latent = host.encode(vae, image)
+        progress = host.progress(1)
+
+        def update(done, total):
+            progress.total = total
+            progress.update(done)
+
+        def work(denoise, x0, sigmas):
+            return denoiser_likelihood(denoise, x0, sigmas, variance, steps, progress=update)
+
+        bound = host.run_under_model(model, conditioning, latent, work)
         plot = torch.from_numpy(np.asarray(plot_bound(bound), dtype=np.float32) / 255)[None]
         return (float(bound.total.mean()), plot)

@@ -20,7 +20,9 @@ panel's JS; every workflows/api/*.json runs to execution_success over the websoc
 progress and preview frames, and its SaveImage files exist; a bad ckpt_name is refused by
 validation; POST /interrupt stops a long run; POST /free, then a run loads the models again; core's
 SamplerCustom samples a core MODEL (a small SD2-shaped UNet with random weights) with LDMSamplerSelect's
-SAMPLER, its euler matching core's own. A model that `train --data` wrote from a folder of captioned
+SAMPLER, its euler matching core's own. LDMComfyLikelihood scores an image under CheckpointLoaderSimple's
+MODEL, VAE and CLIPTextEncode's CONDITIONING in a graph, and, in a process of COMFYUI_PYTHON, under SD1-,
+SD2 (v)- and SDXL-shaped random checkpoints that core detects, matching the pack's own bound on SD1.x. A model that `train --data` wrote from a folder of captioned
 pictures runs once dropped into models/ldm.
 Masks: the runner's stand-ins declare the inputs of ComfyUI's own mask nodes; core's SetLatentNoiseMask
 on LDMEncodeImage's latent makes LDMSample keep the latent outside the mask exactly (read back through
@@ -89,6 +91,7 @@ NODES = {  # contract (ARCHITECTURE.md section 2): input names in order, require
     "LDMLikelihood": (["model", "vae", "image", "variance", "steps"], ["conditioning"]),
     "LDMSamplerSelect": (["sampler_name", "eta", "ddpm_variance"], []),
     "LDMClassify": (["image", "model", "text_encoder", "vae", "prompts", "steps", "seed"], []),
+    "LDMComfyLikelihood": (["model", "vae", "image", "conditioning", "variance", "steps"], []),
 }
 WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json"))
 
@@ -365,6 +368,42 @@ def test_likelihood_node_scores_an_image_and_previews_its_plot(server):
     (image,) = history["outputs"]["5"]["images"]
     assert image["type"] == "temp"
     [file] = (server.base / "temp").rglob(image["filename"])  # ComfyUI nests a temp/ of its own in there
+    with Image.open(file) as im:
+        assert im.size == (640, 400)
+
+
+def core_sd1_checkpoint(path):
+    """An SD1.x single file core ComfyUI detects (SD15) and loads with its text encoder: a one-level UNet of
+    SD1's width, SD's autoencoder and CLIP-L, random weights in fp16 (466 MB)."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    parts = {"model.diffusion_model.": UNetModel(UNetConfig(4, 4, 320, (1,), 1, (0,), 1, 768, num_heads=8)),
+             "first_stage_model.": AutoencoderKL(AutoencoderConfig()),
+             "cond_stage_model.transformer.": CLIPTextModel(CLIPTextConfig())}
+    save_file({prefix + k: v.half().contiguous() for prefix, module in parts.items()
+               for k, v in module.state_dict().items() if not k.endswith("position_ids")}, path)
+
+
+def test_the_bound_of_a_checkpoint_core_loads_runs_in_a_graph(server):
+    """CheckpointLoaderSimple -> CLIPTextEncode -> LDMComfyLikelihood (with LoadImage) -> PreviewImage of the
+    plot: core's MODEL, CLIP's CONDITIONING and VAE reach the node, and its progress reaches the end. The
+    numbers are checked against the pack's own bound in test_the_bound_under_models_core_comfyui_loads."""
+    (server.base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    core_sd1_checkpoint(server.base / "models" / "checkpoints" / "ldm_nodes_test_sd1.safetensors")
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "ldm_nodes_test_sd1.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a red circle"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "shapes.png"}},
+        "4": {"class_type": "LDMComfyLikelihood", "inputs": {"model": ["1", 0], "vae": ["1", 2], "image": ["3", 0],
+                                                             "conditioning": ["2", 0], "variance": "beta_tilde",
+                                                             "steps": 10}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
+    }
+    kind, data, progress, _, history = asyncio.run(server.run(prompt))
+    assert kind == "execution_success", f"{kind}: {data}\n{server.log_tail()}"
+    assert progress and {p["node"] for p in progress} == {"4"} and progress[-1]["value"] == progress[-1]["max"]
+    (image,) = history["outputs"]["5"]["images"]
+    [file] = (server.base / "temp").rglob(image["filename"])
     with Image.open(file) as im:
         assert im.size == (640, 400)
 
@@ -791,3 +830,140 @@ def test_comfy_host_against_comfyuis_own_modules(tmp_path):
     result = subprocess.run([PYTHON, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0 and "comfy_host ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# LDMComfyLikelihood under models core ComfyUI detects and loads itself (issue #29, part 2), in a process of
+# COMFYUI_PYTHON as above. Random weights (every parameter N(0, 0.02^2), fp16 in the files), one 64x64 image,
+# a random conditioning tensor of each family's width, 20 strided timesteps:
+# - SD1.x (one-level UNet, SD's VAE, CLIP-L): the same file loaded by the pack (core.checkpoint) gives the
+#   same bound through pipeline.likelihood, and both autoencoders the same latent;
+# - SD2.x v-prediction (four levels, so output_blocks.11.1 exists and core detects v from its norm's bias):
+#   the bound equals variational_bound on the pack's UNet holding those weights, read as v (not as eps);
+# - SDXL-shaped (Segmind Vega's depths at one width, core's own UNet class; pooled output and sizes in the
+#   conditioning): the bound equals variational_bound on core's diffusion model called directly with the
+#   conditioning's label vector, read as eps.
+# The oracles compute the schedule from its betas (pack TrainingSchedule, float64), not from core's sigmas.
+COMFY_BOUND_CHECK = """
+import sys
+sys.argv = ["main.py", "--cpu"]
+sys.path[:0] = [{pack!r}, {comfy!r}]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+from safetensors.torch import save_file
+import comfy.model_base
+import comfy.model_sampling
+import comfy.sd
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel as CoreUNet
+from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm_nodes.core.checkpoint import load_checkpoint
+from ldm_nodes.core.likelihood import variational_bound
+from ldm_nodes.core.pipeline import DiffusionModel, likelihood
+from ldm_nodes.core.schedule import TrainingSchedule
+from ldm_nodes.core.text import CLIPTextModel, CLIPTextConfig
+from ldm_nodes.core.unet import UNetConfig, UNetModel
+from ldm_nodes.nodes.likelihood import LDMComfyLikelihood
+
+folder = {folder!r}
+STEPS, SEED = 20, 0
+image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+
+def randomise(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(module.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return module.eval()
+
+def write(name, parts):
+    path = f"{{folder}}/{{name}}.safetensors"
+    save_file({{prefix + k: v.half().contiguous() for prefix, module in parts.items()
+               for k, v in module.state_dict().items() if not k.endswith("position_ids")}}, path)
+    return path
+
+def core_load(path):
+    model, _, vae, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=False)
+    return model, vae
+
+def node_bound(model, vae, conditioning):
+    nll, plot = LDMComfyLikelihood().score(model, vae, image, conditioning, "beta_tilde", STEPS)
+    assert plot.shape == (1, 400, 640, 3) and torch.isfinite(torch.tensor(nll)), (plot.shape, nll)
+    return nll
+
+def oracle(network, x0, prediction, context):
+    return float(variational_bound(network, x0, TrainingSchedule(), prediction, context, discrete=False,
+                                   timesteps=STEPS, generator=torch.Generator().manual_seed(SEED)).total.mean())
+
+def close(a, b, what):
+    assert abs(a - b) <= 1e-4 * abs(b) + 1e-6, f"{{what}}: {{a}} against {{b}}"
+
+vae = randomise(AutoencoderKL(AutoencoderConfig()), 10)  # SD's autoencoder, the layout core builds for SD files
+
+# SD1.x: the pack's own bound of the same file
+unet = randomise(UNetModel(UNetConfig(4, 4, 320, (1,), 1, (0,), 1, 768, num_heads=8)), 11)
+sd1 = write("sd1", {{"model.diffusion_model.": unet, "first_stage_model.": vae,
+                    "cond_stage_model.transformer.": randomise(CLIPTextModel(CLIPTextConfig()), 12)}})
+model, core_vae = core_load(sd1)
+assert type(model.model) is comfy.model_base.BaseModel and type(model.model.model_config).__name__ == "SD15"
+context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))
+ours = load_checkpoint(sd1)
+pack_model = DiffusionModel.from_checkpoint(ours)
+with torch.no_grad():
+    z_core = core_vae.encode(image) * 0.18215
+    z_pack = ours.vae.encode(image.movedim(-1, 1) * 2 - 1).mode() * 0.18215
+torch.testing.assert_close(z_core, z_pack, rtol=1e-4, atol=1e-4)
+pack = float(likelihood(pack_model, ours.vae, image, context, "beta_tilde", STEPS, SEED).total.mean())
+sd1_nll = node_bound(model, core_vae, [[context, {{}}]])
+close(sd1_nll, pack, "SD1.x against the pack's own bound")
+other = node_bound(model, core_vae, [[torch.randn(1, 77, 768), {{}}]])
+assert abs(other - sd1_nll) > 1e-6, "the conditioning does not reach the model"
+
+# SD2.x v-prediction: detected by core, read as v
+unet = randomise(UNetModel(UNetConfig(4, 4, 320, (1, 1, 1, 1), 2, (0, 1, 2), 1, 1024, num_head_channels=64,
+                                      use_linear_in_transformer=True)), 13)
+with torch.no_grad():
+    unet.state_dict()["output_blocks.11.1.transformer_blocks.0.norm1.bias"].normal_(0, 1)
+sd2 = write("sd2v", {{"model.diffusion_model.": unet, "first_stage_model.": vae}})
+model, core_vae = core_load(sd2)
+assert type(model.model.model_config).__name__ == "SD20"
+assert isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION)
+context = torch.randn(1, 77, 1024, generator=torch.Generator().manual_seed(3))
+with torch.no_grad():
+    x0 = core_vae.encode(image) * 0.18215
+net = lambda x, t, c: unet(x, t, c)
+sd2_nll = node_bound(model, core_vae, [[context, {{}}]])
+close(sd2_nll, oracle(net, x0, "v", context), "SD2.x v against the UNet read as v")
+assert abs(sd2_nll - oracle(net, x0, "eps", context)) > 1e-3 * abs(sd2_nll), "v read as eps"
+
+# SDXL-shaped: core's own UNet class, the label vector from the conditioning's pooled output and sizes
+config = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+              channel_mult=[1, 1, 1], transformer_depth=[0, 0, 1, 1, 2, 2],
+              transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2], transformer_depth_middle=-1,
+              use_linear_in_transformer=True, context_dim=2048, num_head_channels=64, adm_in_channels=2816,
+              num_classes="sequential", use_spatial_transformer=True, legacy=False, use_checkpoint=False,
+              use_temporal_attention=False, use_temporal_resblock=False)
+xl_unet = randomise(CoreUNet(**config), 14)
+sdxl = write("sdxl", {{"model.diffusion_model.": xl_unet, "first_stage_model.": vae}})
+model, core_vae = core_load(sdxl)
+assert isinstance(model.model, comfy.model_base.SDXL), type(model.model)
+context = torch.randn(1, 77, 2048, generator=torch.Generator().manual_seed(4))
+pooled = torch.randn(1, 1280, generator=torch.Generator().manual_seed(5))
+extra = {{"pooled_output": pooled, "width": 64, "height": 64}}
+with torch.no_grad():
+    x0 = core_vae.encode(image) * 0.13025
+    y = model.model.encode_adm(**extra)
+    xl_net = lambda x, t, c: xl_unet(x, t, context=c, y=y.expand(len(x), -1))
+xl_nll = node_bound(model, core_vae, [[context, extra]])
+close(xl_nll, oracle(xl_net, x0, "eps", context), "SDXL against core's UNet called directly")
+print("bounds ok", sd1_nll, sd2_nll, xl_nll)
+"""
+
+
+def test_the_bound_under_models_core_comfyui_loads(tmp_path):
+    link = tmp_path / "pack"
+    link.mkdir()
+    os.symlink(REPO, link / PACK_LINK, target_is_directory=True)
+    script = COMFY_BOUND_CHECK.format(pack=str(link), comfy=str(COMFY), folder=str(tmp_path))
+    result = subprocess.run([PYTHON, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "bounds ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

@@ -14,7 +14,7 @@ from PIL import Image
 from ldm_nodes.cli import main
 from ldm_nodes.core import checkpoint as ck
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL, IdentityAutoencoder
-from ldm_nodes.core.likelihood import variational_bound
+from ldm_nodes.core.likelihood import denoiser_likelihood, variational_bound
 from ldm_nodes.core.pipeline import DiffusionModel, likelihood
 from ldm_nodes.core.plot import plot_bound
 from ldm_nodes.core.schedule import TrainingSchedule
@@ -238,3 +238,45 @@ def test_nodes_take_a_pixel_space_file_like_any_other(pixel_file):
     torch.testing.assert_close(decoded, image)
     nll, _ = LDMLikelihood().score(model, vae, image, "beta_tilde", 4)
     assert nll > 0
+
+
+def k_denoiser(network, context, sigmas, prediction):
+    """A k-diffusion denoiser D(x, sigma) -> x0 made as ComfyUI makes its MODEL's (model_sampling.EPS and
+    V_PREDICTION: input x / sqrt(sigma^2 + 1), timestep the nearest log sigma of a float32 table), written
+    here independently of core/likelihood.x0_network."""
+    log_sigmas = sigmas.log()
+
+    def denoise(x, sigma):
+        t = (sigma.log()[None] - log_sigmas[:, None]).abs().argmin(0)
+        scale = (sigma ** 2 + 1).sqrt().reshape(-1, 1, 1, 1)
+        out = network(x / scale, t.float(), context.expand(len(x), -1, -1))
+        s = sigma.reshape(-1, 1, 1, 1)
+        if prediction == "eps":
+            return x - out * s
+        return x / scale ** 2 - out * s / scale
+    return denoise
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_a_k_diffusion_denoiser_is_scored_as_its_network(prediction):
+    """denoiser_likelihood (LDMComfyLikelihood's core) on a host-style denoiser equals variational_bound on
+    the network inside it, with its prediction type, for the same seed; an eps reading of a v network does not."""
+    net = network(4)
+    context = torch.randn(1, 77, WIDTH, generator=torch.Generator().manual_seed(2))
+    sigmas = SCHEDULE.sigmas.float()  # what a host keeps
+    z0 = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    got = denoiser_likelihood(k_denoiser(net, context, sigmas, prediction), z0, sigmas, steps=12, seed=4)
+    want = variational_bound(net, z0, SCHEDULE, prediction, context, discrete=False, timesteps=12,
+                             generator=torch.Generator().manual_seed(4))
+    assert got.unit == "nats/dim (latent)" and torch.isfinite(got.total).all()
+    torch.testing.assert_close(got.total, want.total, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.terms, want.terms, rtol=1e-4, atol=1e-6)
+    other = variational_bound(net, z0, SCHEDULE, "v" if prediction == "eps" else "eps", context, discrete=False,
+                              timesteps=12, generator=torch.Generator().manual_seed(4))
+    assert not torch.allclose(got.total, other.total, rtol=1e-2)
+
+
+def test_a_k_diffusion_denoiser_bound_refuses_bad_steps():
+    sigmas = SCHEDULE.sigmas.float()
+    with pytest.raises(ValueError, match="steps: 0 .all 1000 timesteps. or a strided estimate of 2..999, got 1"):
+        denoiser_likelihood(lambda x, s: x, torch.zeros(1, 4, 4, 4), sigmas, steps=1)

@@ -99,6 +99,12 @@ CONTRACT = {
         "optional": [],
         "outputs": [("best_prompt", "STRING"), ("plot", "IMAGE")],
     },
+    "LDMComfyLikelihood": {
+        "required": [("model", "MODEL"), ("vae", "VAE"), ("image", "IMAGE"), ("conditioning", "CONDITIONING"),
+                     ("variance", DDPM_VARIANCES), ("steps", "INT")],
+        "optional": [],
+        "outputs": [("nll", "FLOAT"), ("plot", "IMAGE")],
+    },
 }
 
 
@@ -221,7 +227,7 @@ sys.meta_path.insert(0, Block())
 import ldm_nodes, ldm_nodes.headless.runner, ldm_nodes.nodes.routes
 from ldm_nodes.nodes import host
 assert not host.in_comfyui()
-assert len(ldm_nodes.NODE_CLASS_MAPPINGS) == 10
+assert len(ldm_nodes.NODE_CLASS_MAPPINGS) == {len(CONTRACT)}
 left = sorted(m for m in sys.modules if m.split('.')[0] in HOST)
 assert not left, left
 print('imported')

@@ -97,11 +97,32 @@ def classify_bound(network, x0, contexts, schedule, timesteps, generator, predic
     decoder, terms = values[:, 0], values[:, 1:]
     nats = prior_kl(x0.detach().double(), schedule).cpu() + (T - 1) * terms.mean(1) + decoder
     per_unit = x0[0].numel() * (math.log(2) if discrete else 1.0)
-    ranking = sorted(range(n), key=lambda c: float(nats[c]))
+    return _ranked(nats, terms, decoder, index, T, per_unit, UNITS[bool(discrete)])
+
+
+def _ranked(nats, terms, decoder, index, T, per_unit, unit):
+    """The Classification of candidates' bounds in nats [C], from their paired terms [C, K]."""
+    ranking = sorted(range(len(nats)), key=lambda c: float(nats[c]))
     differences = terms - terms[ranking[0]]
-    standard_error = differences.std(1) * (T - 1) / math.sqrt(timesteps)
+    standard_error = differences.std(1) * (T - 1) / math.sqrt(terms.shape[1])
     return Classification(bounds=nats / per_unit, standard_error=standard_error / per_unit, ranking=ranking,
-                          terms=terms, decoder=decoder, timesteps=index, unit=UNITS[bool(discrete)])
+                          terms=terms, decoder=decoder, timesteps=index, unit=unit)
+
+
+def paired_classification(bounds, T):
+    """The Classification of one image from each candidate's VariationalBound of it, estimated with the same
+    K >= 2 strided timesteps and noise (one seed for all: likelihood or denoiser_likelihood draw them before
+    any network call, so they are shared): what classify_bound computes in one batch, candidate by candidate."""
+    if len(bounds) < 2:
+        raise ValueError(f"bounds: classification needs at least 2 candidates, got {len(bounds)}")
+    if any(b.standard_error is None or len(b.nats) != 1 for b in bounds):
+        raise ValueError("bounds: each must be a strided estimate (steps K >= 2) of one image")
+    if any(not torch.equal(b.timesteps, bounds[0].timesteps) for b in bounds):
+        raise ValueError("bounds: the candidates were drawn at different timesteps (another seed or steps)")
+    first = bounds[0]
+    return _ranked(torch.cat([b.nats for b in bounds]), torch.cat([b.terms for b in bounds]),
+                   torch.cat([b.decoder for b in bounds]), first.timesteps[0], T,
+                   first.dims * (math.log(2) if first.unit == UNITS[True] else 1.0), first.unit)
 
 
 DEFAULT_STEPS = 100  # timesteps per image, shared by its candidates

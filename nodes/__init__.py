@@ -1,5 +1,5 @@
 """ComfyUI node classes (V1 API): input declarations and one call into core/ each."""
-from .classify import LDMClassify
+from .classify import LDMClassify, LDMComfyClassify
 from .latent import LDMDecodeLatent, LDMEmptyLatent, LDMEncodeImage
 from .likelihood import LDMComfyLikelihood, LDMLikelihood
 from .loader import LDMLoadModel
@@ -20,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "LDMSamplerSelect": LDMSamplerSelect,
     "LDMClassify": LDMClassify,
     "LDMComfyLikelihood": LDMComfyLikelihood,
+    "LDMComfyClassify": LDMComfyClassify,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -34,4 +35,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LDMSamplerSelect": "Sampler Select (LDM)",
     "LDMClassify": "Classify by Likelihood (LDM)",
     "LDMComfyLikelihood": "Likelihood of a ComfyUI MODEL (LDM)",
+    "LDMComfyClassify": "Classify by Likelihood, ComfyUI MODEL (LDM)",
 }

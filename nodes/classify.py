@@ -1,9 +1,11 @@
-"""LDMClassify: which of several prompts the model finds most likely for an image, by the bound under each."""
+"""LDMClassify: which of several prompts the model finds most likely for an image, by the bound under each;
+LDMComfyClassify: the same for the models ComfyUI loads itself."""
 import numpy as np
 import torch
 
-from ..core.classify import DEFAULT_STEPS, classify, encode_candidates
+from ..core.classify import DEFAULT_STEPS, classify, encode_candidates, paired_classification
 from ..core.errors import InputError
+from ..core.likelihood import denoiser_likelihood
 from ..core.plot import plot_classification
 from . import host
 
@@ -38,9 +40,7 @@ class LDMClassify:
         }}
 
     def classify(self, image, model, text_encoder, vae, prompts, steps, seed):
-        candidates = [line.strip() for line in prompts.splitlines() if line.strip()]
-        if len(set(candidates)) < len(candidates):
-            raise InputError("prompts", "the same prompt is given twice")
+        candidates = candidate_prompts(prompts)
         contexts = encode_candidates(text_encoder.get(), candidates)
         progress = host.progress(1)
 
@@ -49,5 +49,64 @@ class LDMClassify:
             progress.update(done)
 
         result = classify(model.get(), vae.get(), image, contexts, steps, seed, progress=update)
-        plot = torch.from_numpy(np.asarray(plot_classification(result, candidates), dtype=np.float32) / 255)[None]
-        return (candidates[result.ranking[0]], plot)
+        return answer(result, candidates)
+
+
+def candidate_prompts(prompts):
+    """The candidates: one per non-empty line, each once; at least 2."""
+    candidates = [line.strip() for line in prompts.splitlines() if line.strip()]
+    if len(set(candidates)) < len(candidates):
+        raise InputError("prompts", "the same prompt is given twice")
+    if len(candidates) < 2:
+        raise InputError("prompts", f"classification needs at least 2 candidate prompts, got {len(candidates)}")
+    return candidates
+
+
+def answer(result, candidates):
+    plot = torch.from_numpy(np.asarray(plot_classification(result, candidates), dtype=np.float32) / 255)[None]
+    return (candidates[result.ranking[0]], plot)
+
+
+class LDMComfyClassify:
+    DESCRIPTION = ("LDMClassify for the models ComfyUI loads itself (CheckpointLoaderSimple's MODEL, CLIP and VAE: "
+                   "SD1.x, SD2.x, SDXL): each prompt's bound at the same random timesteps and noise, through "
+                   "ComfyUI's own sampling path, one prompt after the other.")
+    CATEGORY = "latent diffusion"
+    FUNCTION = "classify"
+    RETURN_TYPES = LDMClassify.RETURN_TYPES
+    RETURN_NAMES = LDMClassify.RETURN_NAMES
+    OUTPUT_TOOLTIPS = LDMClassify.OUTPUT_TOOLTIPS
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        ours = LDMClassify.INPUT_TYPES()["required"]
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "One RGB image, each side a multiple of the VAE's factor (8)."}),
+            "model": ("MODEL", {"tooltip": "ComfyUI's MODEL (its sampling object gives the schedule)."}),
+            "clip": ("CLIP", {"tooltip": "Its text encoder, for the prompts."}),
+            "vae": ("VAE", {"tooltip": "Its VAE: the image is scored as its scaled latent."}),
+            "prompts": ours["prompts"],
+            "steps": ours["steps"],
+            "seed": ours["seed"],
+        }}
+
+    def classify(self, image, model, clip, vae, prompts, steps, seed):
+        candidates = candidate_prompts(prompts)
+        if image.shape[0] != 1:
+            raise InputError("image", f"a batch of {image.shape[0]}: classification takes one image at a time")
+        latent = host.encode(vae, image)
+        conditionings = [host.encode_text(clip, text) for text in candidates]
+        progress = host.progress(1)
+        bounds, timesteps = [], []
+
+        def update(done, total):  # total: one candidate's calls
+            progress.total = total * len(candidates)
+            progress.update(len(bounds) * total + done)
+
+        def work(denoise, x0, sigmas):
+            timesteps.append(len(sigmas))
+            return denoiser_likelihood(denoise, x0, sigmas, "beta_tilde", steps, seed, progress=update)
+
+        for conditioning in conditionings:
+            bounds.append(host.run_under_model(model, conditioning, latent, work))
+        return answer(paired_classification(bounds, timesteps[0]), candidates)

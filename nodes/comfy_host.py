@@ -69,6 +69,11 @@ class ComfyHost(Host):
                                       "crop it (the bound of a cropped image would not be this image's)")
         return vae.encode(image[..., :3])
 
+    def encode_text(self, clip, text):
+        if clip is None:
+            raise InputError("clip", "is None: the checkpoint holds no text encoder; load one with CLIPLoader")
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
 
 class _ComfyProgress(Progress):
     """ComfyUI's progress bar under the running node, with JPEG previews; honours interruption."""

@@ -50,6 +50,10 @@ class Host:
         """The host VAE's latent of IMAGE [B, H, W, 3] (ComfyUI's VAE.encode); this host has none."""
         raise InputError("vae", "a ComfyUI VAE exists only inside ComfyUI")
 
+    def encode_text(self, clip, text):
+        """The host text encoder's CONDITIONING of `text` (as ComfyUI's CLIPTextEncode); this host has none."""
+        raise InputError("clip", "a ComfyUI CLIP exists only inside ComfyUI")
+
 
 class Progress:
     """One node's progress: `update(done, preview=None)` reports `done` of `total` steps, with an
@@ -119,6 +123,10 @@ def run_under_model(model, conditioning, latent, work):
 
 def encode(vae, image):
     return _host.encode(vae, image)
+
+
+def encode_text(clip, text):
+    return _host.encode_text(clip, text)
 
 
 def sampler(function):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ldm_nodes.core.autoencoder import IdentityAutoencoder
-from ldm_nodes.core.classify import classify, classify_bound, encode_candidates
+from ldm_nodes.core.classify import classify, classify_bound, encode_candidates, paired_classification
 from ldm_nodes.core.pipeline import DiffusionModel, likelihood
 from ldm_nodes.core.schedule import TrainingSchedule
 from ldm_nodes.core.unet import UNetConfig, UNetModel
@@ -244,3 +244,21 @@ def test_the_other_renderer_keeps_the_grammar_s_sizes_and_places():
         middle = {"left": (xs.max() + xs.min()) / 2 < 24, "right": (xs.max() + xs.min()) / 2 > 40,
                   "top": (ys.max() + ys.min()) / 2 < 24, "bottom": (ys.max() + ys.min()) / 2 > 40}
         assert words[6] == "center" or middle[words[6]], truth
+
+
+def test_candidates_scored_one_by_one_with_one_seed_classify_as_in_one_batch():
+    """paired_classification of per-candidate likelihood() bounds (what LDMComfyClassify does, candidate by
+    candidate through the host) equals classify() of the same candidates, seed and steps in one batch."""
+    model, vae = pixel_model(), IdentityAutoencoder()
+    contexts = torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(7))
+    image = torch.randint(0, 256, (1, 8, 8, 3), generator=torch.Generator().manual_seed(1)).float() / 255
+    batch = classify(model, vae, image, contexts, steps=8, seed=5)
+    single = [likelihood(model, vae, image, contexts[c:c + 1], steps=8, seed=5) for c in range(len(contexts))]
+    one_by_one = paired_classification(single, model.schedule.num_timesteps)
+    assert one_by_one.ranking == batch.ranking and one_by_one.unit == batch.unit
+    torch.testing.assert_close(one_by_one.bounds, batch.bounds, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(one_by_one.standard_error, batch.standard_error, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(one_by_one.timesteps, batch.timesteps)
+    other_seed = likelihood(model, vae, image, contexts[:1], steps=8, seed=6)
+    with pytest.raises(ValueError, match="different timesteps"):
+        paired_classification([single[1], other_seed], model.schedule.num_timesteps)

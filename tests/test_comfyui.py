@@ -22,7 +22,8 @@ validation; POST /interrupt stops a long run; POST /free, then a run loads the m
 SamplerCustom samples a core MODEL (a small SD2-shaped UNet with random weights) with LDMSamplerSelect's
 SAMPLER, its euler matching core's own. LDMComfyLikelihood scores an image under CheckpointLoaderSimple's
 MODEL, VAE and CLIPTextEncode's CONDITIONING in a graph, and, in a process of COMFYUI_PYTHON, under SD1-,
-SD2 (v)- and SDXL-shaped random checkpoints that core detects, matching the pack's own bound on SD1.x. A model that `train --data` wrote from a folder of captioned
+SD2 (v)- and SDXL-shaped random checkpoints that core detects, matching the pack's own bound on SD1.x
+(and LDMComfyClassify its LDMClassify). A model that `train --data` wrote from a folder of captioned
 pictures runs once dropped into models/ldm.
 Masks: the runner's stand-ins declare the inputs of ComfyUI's own mask nodes; core's SetLatentNoiseMask
 on LDMEncodeImage's latent makes LDMSample keep the latent outside the mask exactly (read back through
@@ -92,6 +93,7 @@ NODES = {  # contract (ARCHITECTURE.md section 2): input names in order, require
     "LDMSamplerSelect": (["sampler_name", "eta", "ddpm_variance"], []),
     "LDMClassify": (["image", "model", "text_encoder", "vae", "prompts", "steps", "seed"], []),
     "LDMComfyLikelihood": (["model", "vae", "image", "conditioning", "variance", "steps"], []),
+    "LDMComfyClassify": (["image", "model", "clip", "vae", "prompts", "steps", "seed"], []),
 }
 WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json"))
 
@@ -386,8 +388,9 @@ def core_sd1_checkpoint(path):
 
 def test_the_bound_of_a_checkpoint_core_loads_runs_in_a_graph(server):
     """CheckpointLoaderSimple -> CLIPTextEncode -> LDMComfyLikelihood (with LoadImage) -> PreviewImage of the
-    plot: core's MODEL, CLIP's CONDITIONING and VAE reach the node, and its progress reaches the end. The
-    numbers are checked against the pack's own bound in test_the_bound_under_models_core_comfyui_loads."""
+    plot, and LDMComfyClassify on the same MODEL, CLIP and VAE: core's objects reach the nodes, and their
+    progress reaches the end. The numbers are checked against the pack's own in
+    test_the_bound_under_models_core_comfyui_loads."""
     (server.base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
     core_sd1_checkpoint(server.base / "models" / "checkpoints" / "ldm_nodes_test_sd1.safetensors")
     prompt = {
@@ -398,14 +401,21 @@ def test_the_bound_of_a_checkpoint_core_loads_runs_in_a_graph(server):
                                                              "conditioning": ["2", 0], "variance": "beta_tilde",
                                                              "steps": 10}},
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
+        "6": {"class_type": "LDMComfyClassify", "inputs": {"image": ["3", 0], "model": ["1", 0], "clip": ["1", 1],
+                                                           "vae": ["1", 2], "prompts": "a red circle\na blue square",
+                                                           "steps": 4, "seed": 0}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 1]}},
     }
     kind, data, progress, _, history = asyncio.run(server.run(prompt))
     assert kind == "execution_success", f"{kind}: {data}\n{server.log_tail()}"
-    assert progress and {p["node"] for p in progress} == {"4"} and progress[-1]["value"] == progress[-1]["max"]
-    (image,) = history["outputs"]["5"]["images"]
-    [file] = (server.base / "temp").rglob(image["filename"])
-    with Image.open(file) as im:
-        assert im.size == (640, 400)
+    for node in ("4", "6"):
+        steps = [p for p in progress if p["node"] == node]
+        assert steps and steps[-1]["value"] == steps[-1]["max"], progress
+    for node in ("5", "7"):
+        (image,) = history["outputs"][node]["images"]
+        [file] = (server.base / "temp").rglob(image["filename"])
+        with Image.open(file) as im:
+            assert im.size == (640, 400)
 
 
 def test_model_from_extra_model_paths_runs(server):
@@ -854,14 +864,17 @@ from safetensors.torch import save_file
 import comfy.model_base
 import comfy.model_sampling
 import comfy.sd
+import comfy.utils
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel as CoreUNet
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_nodes.core.checkpoint import load_checkpoint
+from ldm_nodes.core.classify import classify, encode_candidates
 from ldm_nodes.core.likelihood import variational_bound
-from ldm_nodes.core.pipeline import DiffusionModel, likelihood
+from ldm_nodes.core.pipeline import DiffusionModel, TextEncoder, likelihood
 from ldm_nodes.core.schedule import TrainingSchedule
-from ldm_nodes.core.text import CLIPTextModel, CLIPTextConfig
+from ldm_nodes.core.text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ldm_nodes.core.unet import UNetConfig, UNetModel
+from ldm_nodes.nodes.classify import LDMComfyClassify
 from ldm_nodes.nodes.likelihood import LDMComfyLikelihood
 
 folder = {folder!r}
@@ -903,7 +916,7 @@ vae = randomise(AutoencoderKL(AutoencoderConfig()), 10)  # SD's autoencoder, the
 unet = randomise(UNetModel(UNetConfig(4, 4, 320, (1,), 1, (0,), 1, 768, num_heads=8)), 11)
 sd1 = write("sd1", {{"model.diffusion_model.": unet, "first_stage_model.": vae,
                     "cond_stage_model.transformer.": randomise(CLIPTextModel(CLIPTextConfig()), 12)}})
-model, core_vae = core_load(sd1)
+model, clip, core_vae, _ = comfy.sd.load_checkpoint_guess_config(sd1, output_vae=True, output_clip=True)
 assert type(model.model) is comfy.model_base.BaseModel and type(model.model.model_config).__name__ == "SD15"
 context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))
 ours = load_checkpoint(sd1)
@@ -917,12 +930,25 @@ sd1_nll = node_bound(model, core_vae, [[context, {{}}]])
 close(sd1_nll, pack, "SD1.x against the pack's own bound")
 other = node_bound(model, core_vae, [[torch.randn(1, 77, 768), {{}}]])
 assert abs(other - sd1_nll) > 1e-6, "the conditioning does not reach the model"
+# classification: core's CLIP encodes as the pack's text encoder does, and LDMComfyClassify (candidate by
+# candidate through core's sampling) ranks and scores as the pack's LDMClassify (one batch) on the same file
+prompts = ["a red circle", "a blue square", "a green triangle on a white background"]
+contexts = encode_candidates(TextEncoder(ours.text_encoder, CLIPTokenizer()), prompts)
+core_context = clip.encode_from_tokens_scheduled(clip.tokenize(prompts[0]))[0][0]
+torch.testing.assert_close(core_context, contexts[:1], rtol=1e-4, atol=1e-4)
+expected = classify(pack_model, ours.vae, image, contexts, 8, 3)
+progress = []
+comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: progress.append((value, total)))
+best, plot = LDMComfyClassify().classify(image, model, clip, core_vae, "\\n".join(prompts), 8, 3)
+assert best == prompts[expected.ranking[0]] and plot.shape == (1, 400, 640, 3), (best, plot.shape)
+assert progress[-1][0] == progress[-1][1] and len(progress) >= 3, progress
 
 # SD2.x v-prediction: detected by core, read as v
 unet = randomise(UNetModel(UNetConfig(4, 4, 320, (1, 1, 1, 1), 2, (0, 1, 2), 1, 1024, num_head_channels=64,
                                       use_linear_in_transformer=True)), 13)
 with torch.no_grad():
-    unet.state_dict()["output_blocks.11.1.transformer_blocks.0.norm1.bias"].normal_(0, 1)
+    bias = unet.state_dict()["output_blocks.11.1.transformer_blocks.0.norm1.bias"]
+    bias.normal_(0, 1, generator=torch.Generator().manual_seed(6))
 sd2 = write("sd2v", {{"model.diffusion_model.": unet, "first_stage_model.": vae}})
 model, core_vae = core_load(sd2)
 assert type(model.model.model_config).__name__ == "SD20"

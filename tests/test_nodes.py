@@ -105,6 +105,12 @@ CONTRACT = {
         "optional": [],
         "outputs": [("nll", "FLOAT"), ("plot", "IMAGE")],
     },
+    "LDMComfyClassify": {
+        "required": [("image", "IMAGE"), ("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("prompts", "STRING"),
+                     ("steps", "INT"), ("seed", "INT")],
+        "optional": [],
+        "outputs": [("best_prompt", "STRING"), ("plot", "IMAGE")],
+    },
 }
 
 

@@ -43,14 +43,54 @@ def channels_last(module):
 def cpu_layout(module):
     """The module in the layout the CPU runs fastest: channels-last, whose convolutions oneDNN runs without
     reordering each input and output (bench/RESULTS.md: 1.1x on the built-in UNet's step, up to 1.3x on
-    the pixel model's nll batches, outputs within 1e-5 of NCHW). Modules off the CPU are unchanged."""
+    the pixel model's nll batches, outputs within 1e-5 of NCHW), and, for frozen weights, their 3x3
+    convolutions prepacked (prepack_convolutions). Modules off the CPU are unchanged."""
     on_cpu = all(p.device.type == "cpu" for p in module.parameters())
     if not on_cpu:
         return module
     # the converted weights are of the kind the old ones were: weights made under inference mode could not
     # be used outside it, and inference-mode weights cannot be converted outside it
-    with torch.inference_mode(any(p.is_inference() for p in module.parameters())):
-        return channels_last(module)
+    frozen = all(p.is_inference() for p in module.parameters())
+    with torch.inference_mode(frozen):
+        channels_last(module)
+        if frozen:
+            prepack_convolutions(module)
+    return module
+
+
+class PrepackedConv2d(torch.nn.Conv2d):
+    """nn.Conv2d whose weight oneDNN has reordered once into its own blocked layout, so a call skips the
+    reorder a plain weight costs each time (bench/RESULTS.md). The same oneDNN kernel: the same outputs.
+    Whenever the packed copy may not be the weight (the weight moved or was cast since packing, an input
+    off the CPU or of another dtype) it runs nn.Conv2d's own forward."""
+
+    def forward(self, x):
+        packed, source = self.prepacked
+        if x.device.type != "cpu" or x.dtype != packed.dtype or self.weight.data_ptr() != source:
+            return super().forward(x)
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, self.padding, self.stride, self.dilation,
+                                                       self.groups, "none", [], "")
+
+
+def prepack_convolutions(module):
+    """Prepack, in place, the convolutions of `module` that gain from it: kernels wider than 1x1 (at 1x1 the
+    plain path is as fast) with CPU weights in fp32 or bf16 made under inference mode, which nothing can
+    change afterwards. Already packed ones whose weight has since moved are packed again. Returns the module."""
+    if not torch.backends.mkldnn.is_available():
+        return module
+    for conv in module.modules():
+        if (type(conv) not in (torch.nn.Conv2d, PrepackedConv2d) or conv.kernel_size == (1, 1)
+                or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+                or conv.weight.device.type != "cpu" or conv.weight.dtype not in (torch.float32, torch.bfloat16)
+                or not conv.weight.is_inference()):
+            continue
+        if type(conv) is PrepackedConv2d and conv.prepacked[1] == conv.weight.data_ptr():
+            continue
+        packed = torch.ops.mkldnn._reorder_convolution_weight(conv.weight, list(conv.padding), list(conv.stride),
+                                                                list(conv.dilation), conv.groups)
+        conv.__class__ = PrepackedConv2d
+        conv.prepacked = (packed, conv.weight.data_ptr())
+    return module
 
 
 def gpu_layout(module):

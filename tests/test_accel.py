@@ -524,3 +524,54 @@ def test_cpu_layout_keeps_weights_usable_in_the_mode_they_were_made_in():
         made_inside.weight = torch.nn.Parameter(torch.randn(4, 3, 3, 3), requires_grad=False)
     with torch.inference_mode():
         accel.cpu_layout(made_inside)(torch.randn(1, 3, 8, 8))
+
+
+def frozen_unet(dtype):
+    """A UNet whose weights are made under inference mode, as load_checkpoint makes them."""
+    with torch.inference_mode():
+        return randomise(UNetModel(UNET), 3).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_convolutions_give_the_plain_convolutions_outputs(dtype):
+    """cpu_layout prepacks a frozen network's 3x3 convolutions (stride 1 and 2), not its 1x1 ones, and every
+    output equals the same channels-last network run with plain nn.Conv2d (the same oneDNN kernels), for
+    channels-last and NCHW inputs alike."""
+    net = frozen_unet(dtype)
+    plain = copy.deepcopy(net)
+    with torch.inference_mode():
+        accel.channels_last(plain)
+        accel.cpu_layout(net)
+        packed = [m for m in net.modules() if isinstance(m, accel.PrepackedConv2d)]
+        convs = [m for m in plain.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert {m.kernel_size for m in packed} == {(3, 3)} and {m.stride for m in packed} == {(1, 1), (2, 2)}
+        assert len(packed) == sum(m.kernel_size != (1, 1) for m in convs) < len(convs)
+        x, t, c = inputs()
+        for image in (x, x.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(net(image.to(dtype), t, c.to(dtype)), plain(x.to(dtype), t, c.to(dtype)),
+                                       rtol=0, atol=0)
+
+
+def test_a_prepacked_convolution_whose_weight_moved_runs_the_plain_path():
+    """Cast after packing (a host moving the module): the packed copy is not used; cpu_layout packs again."""
+    net = frozen_unet(torch.float32)
+    with torch.inference_mode():
+        accel.cpu_layout(net)
+        conv = next(m for m in net.modules() if isinstance(m, accel.PrepackedConv2d))
+        packed = conv.prepacked[0]
+        net.to(torch.bfloat16)
+        x = torch.randn(2, conv.in_channels, 8, 8, dtype=torch.bfloat16)
+        want = torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+        torch.testing.assert_close(conv(x), want, rtol=0, atol=0)
+        accel.cpu_layout(net)
+        assert conv.prepacked[0] is not packed and conv.prepacked[0].dtype == torch.bfloat16
+        torch.testing.assert_close(conv(x), want, rtol=0, atol=0)
+
+
+def test_weights_that_can_still_change_are_not_prepacked():
+    """A network being trained (weights made outside inference mode) keeps plain convolutions: a packed copy
+    would go stale at the optimiser's next step."""
+    net = randomise(UNetModel(UNET), 3)
+    with torch.inference_mode():
+        accel.cpu_layout(net)
+    assert not any(isinstance(m, accel.PrepackedConv2d) for m in net.modules())

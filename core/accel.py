@@ -50,46 +50,51 @@ def cpu_layout(module):
         return module
     # the converted weights are of the kind the old ones were: weights made under inference mode could not
     # be used outside it, and inference-mode weights cannot be converted outside it
-    frozen = all(p.is_inference() for p in module.parameters())
-    with torch.inference_mode(frozen):
+    with torch.inference_mode(any(p.is_inference() for p in module.parameters())):
         channels_last(module)
-        if frozen:
-            prepack_convolutions(module)
+        prepack_convolutions(module)
     return module
 
 
 class PrepackedConv2d(torch.nn.Conv2d):
     """nn.Conv2d whose weight oneDNN has reordered once into its own blocked layout, so a call skips the
     reorder a plain weight costs each time (bench/RESULTS.md). The same oneDNN kernel: the same outputs.
-    Whenever the packed copy may not be the weight (the weight moved or was cast since packing, an input
-    off the CPU or of another dtype) it runs nn.Conv2d's own forward."""
+    Whenever the packed copy may not be the weight (the weight moved, was cast or changed in place since
+    packing: its memory or version differ; an input off the CPU or of another dtype) it runs nn.Conv2d's
+    own forward."""
 
     def forward(self, x):
         packed, source = self.prepacked
-        if x.device.type != "cpu" or x.dtype != packed.dtype or self.weight.data_ptr() != source:
+        if x.device.type != "cpu" or x.dtype != packed.dtype or weight_state(self.weight) != source:
             return super().forward(x)
         return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, self.padding, self.stride, self.dilation,
                                                        self.groups, "none", [], "")
 
 
+def weight_state(weight):
+    """Where a weight lives and how often it was changed in place (inference tensors cannot be changed)."""
+    return weight.data_ptr(), None if weight.is_inference() else weight._version
+
+
 def prepack_convolutions(module):
     """Prepack, in place, the convolutions of `module` that gain from it: kernels wider than 1x1 (at 1x1 the
-    plain path is as fast) with CPU weights in fp32 or bf16 made under inference mode, which nothing can
-    change afterwards. Already packed ones whose weight has since moved are packed again. Returns the module."""
+    plain path is as fast) with frozen CPU weights (no gradient: a loaded model, not one being trained) in
+    fp32 or bf16. Already packed ones whose weight has since moved or changed are packed again. Returns the
+    module."""
     if not torch.backends.mkldnn.is_available():
         return module
     for conv in module.modules():
         if (type(conv) not in (torch.nn.Conv2d, PrepackedConv2d) or conv.kernel_size == (1, 1)
                 or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
                 or conv.weight.device.type != "cpu" or conv.weight.dtype not in (torch.float32, torch.bfloat16)
-                or not conv.weight.is_inference()):
+                or conv.weight.requires_grad):
             continue
-        if type(conv) is PrepackedConv2d and conv.prepacked[1] == conv.weight.data_ptr():
+        if type(conv) is PrepackedConv2d and conv.prepacked[1] == weight_state(conv.weight):
             continue
         packed = torch.ops.mkldnn._reorder_convolution_weight(conv.weight, list(conv.padding), list(conv.stride),
                                                                 list(conv.dilation), conv.groups)
         conv.__class__ = PrepackedConv2d
-        conv.prepacked = (packed, conv.weight.data_ptr())
+        conv.prepacked = (packed, weight_state(conv.weight))
     return module
 
 

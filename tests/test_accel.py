@@ -527,9 +527,8 @@ def test_cpu_layout_keeps_weights_usable_in_the_mode_they_were_made_in():
 
 
 def frozen_unet(dtype):
-    """A UNet whose weights are made under inference mode, as load_checkpoint makes them."""
-    with torch.inference_mode():
-        return randomise(UNetModel(UNET), 3).to(dtype).eval()
+    """A UNet whose weights need no gradient, as load_checkpoint gives them."""
+    return randomise(UNetModel(UNET), 3).to(dtype).requires_grad_(False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -568,10 +567,21 @@ def test_a_prepacked_convolution_whose_weight_moved_runs_the_plain_path():
         torch.testing.assert_close(conv(x), want, rtol=0, atol=0)
 
 
-def test_weights_that_can_still_change_are_not_prepacked():
-    """A network being trained (weights made outside inference mode) keeps plain convolutions: a packed copy
-    would go stale at the optimiser's next step."""
+def test_weights_being_trained_are_not_prepacked_and_frozen_ones_changed_in_place_are_not_stale():
+    """A network being trained (weights with gradients) keeps plain convolutions. A frozen one changed in
+    place after packing (an EMA copy's update) runs the plain path with the new weights until packed again."""
     net = randomise(UNetModel(UNET), 3)
     with torch.inference_mode():
         accel.cpu_layout(net)
     assert not any(isinstance(m, accel.PrepackedConv2d) for m in net.modules())
+    net.requires_grad_(False)
+    accel.cpu_layout(net)
+    conv = next(m for m in net.modules() if isinstance(m, accel.PrepackedConv2d))
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    with torch.no_grad():
+        conv.weight.mul_(0.5)
+    torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride,
+                                                                     conv.padding), rtol=0, atol=0)
+    accel.cpu_layout(net)
+    torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride,
+                                                                     conv.padding), rtol=0, atol=1e-5)

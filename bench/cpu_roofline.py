@@ -9,7 +9,7 @@ OMP_NUM_THREADS / OMP_WAIT_POLICY before starting it, as for the CLI):
   - the built-in model (builtin/tiny-shapes): one UNet call as sampling makes it (fp32, and bf16 where
     the CPU has it: what precision auto picks there) (batch 2, 16x16x4 latent, context 77), one
     sampling step of dpmpp_2m with CFG ((a 41-step run - a 1-step run) / 40: the network, the sampler's
-    updates, the CFG mix), and one timestep of the pixel model's bound (builtin/tiny-shapes-pixel on a
+    updates, the CFG mix; fp32, and bf16 where the CPU has it), and one timestep of the pixel model's bound (builtin/tiny-shapes-pixel on a
     32x32 image, the batch nll uses).
 FLOPs come from torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions; norms, softmax and
 elementwise work are not counted, so the pack's rate is a lower bound on the work it does). Times are the
@@ -104,16 +104,20 @@ def pack_rates(repeats, skip_nll, bf16):
             call = lambda: fast(x, t, context.to(dtype))  # noqa: E731
             rows[f"UNet call (batch 2, 16x16) {name}"] = (best_seconds(call, repeats), flops(call))
 
-    cond = Conditioning(model.empty_context, "")
     latent = torch.zeros(1, 4, 16, 16)
     schedule = ScheduleSpec("model", 41, "karras").sigmas(ck.schedule)
+    for name, dtype in variants:  # the model as LDMLoadModel gives it in that precision
+        steps_model = model if dtype == torch.float32 else DiffusionModel.from_checkpoint(
+            load_checkpoint(model_file("builtin/tiny-shapes.safetensors"), dtype=dtype, vae_dtype=torch.float32))
+        cond = Conditioning(steps_model.empty_context, "")
 
-    def run(sigmas):
-        return lambda: sample(model, latent, cond, cond, seed=0, sigmas=sigmas, sampler_name="dpmpp_2m", cfg=5.0)
+        def run(sigmas):
+            return lambda: sample(steps_model, latent, cond, cond, seed=0, sigmas=sigmas, sampler_name="dpmpp_2m",
+                                  cfg=5.0)
 
-    long_run, short_run = run(schedule), run(schedule[-2:])
-    step = (best_seconds(long_run, max(3, repeats // 5)) - best_seconds(short_run, repeats)) / 40
-    rows["sampling step (dpmpp_2m, CFG) fp32"] = (step, flops(short_run))
+        long_run, short_run = run(schedule), run(schedule[-2:])
+        step = (best_seconds(long_run, max(3, repeats // 5)) - best_seconds(short_run, repeats)) / 40
+        rows[f"sampling step (dpmpp_2m, CFG) {name}"] = (step, flops(short_run))
 
     if not skip_nll:
         pixel = load_checkpoint(model_file("builtin/tiny-shapes-pixel.safetensors"))

@@ -139,9 +139,12 @@ def composite(destination, source, x, y, mask=None, resize_source=False):
 
 
 def _alpha_fix(destination, source):
-    """node_helpers.image_alpha_fix: drop the source's alpha, or give the destination an opaque one."""
+    """node_helpers.image_alpha_fix: drop the source's alpha. An RGBA destination with an RGB source is
+    refused: ComfyUI 0.3.64 pads the destination to 5 channels there and fails on the paste."""
     if destination.shape[-1] < source.shape[-1]:
         source = source[..., :destination.shape[-1]]
     elif destination.shape[-1] > source.shape[-1]:
-        destination = torch.cat([destination, torch.ones_like(destination[..., :1])], dim=-1)
+        raise InputError("source", f"has {source.shape[-1]} channels and the destination {destination.shape[-1]}: "
+                                   "ComfyUI's ImageCompositeMasked cannot paste it either; give both the same "
+                                   "channels (an RGB destination)")
     return destination, source

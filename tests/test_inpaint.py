@@ -267,6 +267,8 @@ def test_image_composite_masked_pastes_the_source_through_the_mask():
     assert torch.equal(ImageCompositeMasked().composite(destination, rgba, 2, 3, False)[0], expected_rgb(destination))
     tall = torch.zeros(1, 8, 4, 3)  # x beyond a destination narrower than it is tall: nothing pasted
     assert torch.equal(ImageCompositeMasked().composite(tall, source, 6, 0, False)[0], tall)
+    with pytest.raises(InputError, match="^source: has 3 channels and the destination 4"):  # ComfyUI fails here
+        ImageCompositeMasked().composite(torch.zeros(1, 8, 8, 4), source, 2, 3, False)
 
 
 def test_composite_keeps_the_destination_exactly_outside_the_mask():

@@ -1,21 +1,24 @@
 """Torch's CPU threads for the pack's own commands (`python -m ldm_nodes run / nll / train`), never a host's.
 
-OpenMP threads that wait at a barrier spin (libgomp's default wait policy is active), so when another
-process keeps a core busy, the thread that lost its core holds up its partners while they burn the CPU
-that would let it finish: on the 2-core machine a UNet call took 20x its quiet time next to another
-busy process (bench/RESULTS.md). Two settings fix that, each left alone when the user has set it:
+OpenMP threads that wait at a barrier spin (libgomp's default: 300,000 turns before sleeping), so when
+another process keeps a core busy, the thread that lost its core holds up its partners while they burn
+the CPU that would let it finish: on the 2-core machine a UNet call took 20x its quiet time next to
+another busy process (bench/RESULTS.md). Two settings fix that, each left alone when the user has set it:
 
-- the wait policy, OMP_WAIT_POLICY=PASSIVE (waiting threads sleep). OpenMP reads it once, when torch
-  loads it, so it has to be in the environment before torch is imported: the package's __init__ calls
-  `passive_wait_for_cli` first thing, which sets it only when this interpreter was started as
-  `python -m ldm_nodes` (a process the pack owns; ComfyUI and other hosts import torch long before
-  the pack, and their settings are theirs);
+- how long a waiting thread spins: GOMP_SPINCOUNT=10000 turns (microseconds), then it sleeps. OpenMP
+  reads it once, when torch loads it, so it has to be in the environment before torch is imported: the
+  package's __init__ calls `short_spin_for_cli` first thing, which sets it only when this interpreter
+  was started as `python -m ldm_nodes` (a process the pack owns; ComfyUI and other hosts import torch
+  long before the pack, and their settings are theirs). Not OMP_WAIT_POLICY=PASSIVE (no spin at all),
+  which an earlier version set: on an idle machine waking the sleeping threads at each of a UNet call's
+  ~600 parallel regions cost 2x a sampling step (bench/RESULTS.md), where the short spin keeps the
+  idle speed and the busy machine's too. A user's OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept;
 - the number of threads: one per CPU that other work leaves free at the start (the runnable tasks of
   /proc/stat, else the load average), at least 1, at most torch's default. `configure` sets it; the
   CLI's main() calls it once, nodes never do. The choice is said once on stderr, before the first
   progress line (none with --quiet, and none before a refusal, which stays one line).
 
-Inside ComfyUI the pack changes neither: README.md says what to set there (OMP_WAIT_POLICY=PASSIVE, and
+Inside ComfyUI the pack changes neither: README.md says what to set there (GOMP_SPINCOUNT=10000, and
 OMP_NUM_THREADS on a shared machine) before starting ComfyUI.
 
 This module imports torch only inside `configure`, so the package can import it before torch.
@@ -43,13 +46,26 @@ def started_as_cli(argv=None, package=PACKAGE):
     return False
 
 
-def passive_wait_for_cli(package=PACKAGE, environ=os.environ, argv=None):
-    """OMP_WAIT_POLICY=PASSIVE in the environment when this process is the pack's command line, torch
-    is not loaded yet and the user has not chosen a policy. Returns whether it was set."""
-    if "OMP_WAIT_POLICY" in environ or "torch" in sys.modules or not started_as_cli(argv, package):
+SPIN = "10000"  # GOMP_SPINCOUNT: turns a waiting OpenMP thread spins before it sleeps
+
+
+def short_spin_for_cli(package=PACKAGE, environ=os.environ, argv=None):
+    """GOMP_SPINCOUNT=SPIN in the environment when this process is the pack's command line, torch is not
+    loaded yet and the user has chosen no wait policy nor spin count. Returns whether it was set."""
+    if ({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(environ) or "torch" in sys.modules
+            or not started_as_cli(argv, package)):
         return False
-    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    environ["GOMP_SPINCOUNT"] = SPIN
     return True
+
+
+def wait_policy(environ=os.environ):
+    """How waiting OpenMP threads behave, as the environment says (for the announcement)."""
+    if "OMP_WAIT_POLICY" in environ:
+        return environ["OMP_WAIT_POLICY"]
+    if "GOMP_SPINCOUNT" in environ:
+        return f"spin {environ['GOMP_SPINCOUNT']} turns, then sleep"
+    return "active (OpenMP's default)"
 
 
 def busy_cpus(samples=5, interval=0.002):
@@ -95,7 +111,7 @@ def configure(environ=os.environ):
         return _chosen
     import torch
 
-    policy = environ.get("OMP_WAIT_POLICY", "active (OpenMP's default)")
+    policy = wait_policy(environ)
     if "OMP_NUM_THREADS" in environ:
         threads, why = torch.get_num_threads(), "OMP_NUM_THREADS"
     else:

@@ -28,17 +28,20 @@ def test_only_the_packs_own_command_line_counts_as_the_cli(argv, expected):
     assert threads.started_as_cli(argv) is expected
 
 
-def test_the_wait_policy_is_set_only_for_the_cli_before_torch_and_never_over_the_users(monkeypatch):
+def test_the_spin_count_is_set_only_for_the_cli_before_torch_and_never_over_the_users(monkeypatch):
     cli = ["python3", "-m", "ldm_nodes", "run"]
     monkeypatch.delitem(sys.modules, "torch")  # as at the top of the package's __init__ under `python -m`
     env = {}
-    assert threads.passive_wait_for_cli(environ=env, argv=cli) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert not threads.passive_wait_for_cli(environ=env, argv=cli) and env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert threads.short_spin_for_cli(environ=env, argv=cli) and env == {"GOMP_SPINCOUNT": "10000"}
+    assert threads.wait_policy(env) == "spin 10000 turns, then sleep"
+    for users in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "5"}):
+        env = dict(users)
+        assert not threads.short_spin_for_cli(environ=env, argv=cli) and env == users
+    assert threads.wait_policy({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "5"}) == "PASSIVE"
     env = {}
-    assert not threads.passive_wait_for_cli(environ=env, argv=["python3", "main.py"]) and env == {}
+    assert not threads.short_spin_for_cli(environ=env, argv=["python3", "main.py"]) and env == {}
     monkeypatch.setitem(sys.modules, "torch", torch)  # a host that loaded torch first: too late, and not ours
-    assert not threads.passive_wait_for_cli(environ=env, argv=cli) and env == {}
+    assert not threads.short_spin_for_cli(environ=env, argv=cli) and env == {}
 
 
 @pytest.mark.parametrize("default, cpus, busy, expected", [
@@ -91,8 +94,8 @@ def test_configure_sets_the_free_cpus(monkeypatch):
         threads.command_done()
 
 
-def test_python_m_ldm_nodes_waits_passively_says_so_before_progress_and_refuses_in_one_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def test_python_m_ldm_nodes_spins_briefly_says_so_before_progress_and_refuses_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "ldm_nodes", "nll"]
     done = subprocess.run([*command, str(tmp_path / "missing.png")], env=env, capture_output=True, text=True,
@@ -102,14 +105,14 @@ def test_python_m_ldm_nodes_waits_passively_says_so_before_progress_and_refuses_
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
-    assert lines[1] == "torch threads: 1 (OMP_NUM_THREADS), OpenMP wait policy PASSIVE", lines
+    assert lines[1] == "torch threads: 1 (OMP_NUM_THREADS), OpenMP wait policy spin 10000 turns, then sleep", lines
     assert lines[2].startswith("[nll ")
 
 
 def test_importing_the_pack_changes_no_process_setting():
     """What a host sees: importing the pack (as ComfyUI does) sets no OpenMP variable and keeps torch's threads."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     code = ("import os, torch; n = torch.get_num_threads(); import ldm_nodes; "
-            "print(n == torch.get_num_threads(), [k for k in os.environ if k.startswith('OMP_')])")
+            "print(n == torch.get_num_threads(), [k for k in os.environ if k.startswith(('OMP_', 'GOMP_'))])")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True []"

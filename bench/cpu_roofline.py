@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from ldm_nodes.core.accel import fast_network
 from ldm_nodes.core.checkpoint import load_checkpoint
@@ -53,8 +53,14 @@ def best_seconds(fn, repeats):
 CLOCK = time.perf_counter
 
 
+def packed_conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
+    """torch.utils.flop_counter's count for accel.PrepackedConv2d's oneDNN call, which it does not know."""
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
 def flops(fn):
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False,
+                         custom_mapping={torch.ops.mkldnn._convolution_pointwise: packed_conv_flops}) as counter:
         fn()
     return counter.get_total_flops()
 

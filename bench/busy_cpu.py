@@ -1,6 +1,6 @@
 """A sampling step of the command line on a quiet machine and next to a process that keeps every core busy.
 
-    python bench/busy_cpu.py [--steps 100] [--repeats 2] [--ways pack before]
+    python bench/busy_cpu.py [--steps 100] [--repeats 2] [--ways pack before passive active]
 
 Runs `python -m ldm_nodes run workflows/api/txt2img.json` (the built-in model, dpmpp_2m, CFG) in fresh
 processes with LDMNoiseSchedule at --steps + 1 and at 1 step; a step is the difference over --steps, so
@@ -8,6 +8,8 @@ start-up, loading and decoding cancel. Two ways of starting it:
   - pack:   `python -m ldm_nodes run ...` with no OMP_* variables: the pack's own choice (core/threads.py);
   - before: the same main() started through `python -c` with OMP_NUM_THREADS set to torch's default
             (the CPU count) and no OMP_WAIT_POLICY: what every run did before core/threads.py;
+  - passive, active: `python -m ldm_nodes run ...` with OMP_WAIT_POLICY=PASSIVE (the CLI's choice before
+            GOMP_SPINCOUNT) or ACTIVE, the threads still the pack's choice;
 each quiet, then beside a competitor: a second Python process running `a @ a` on 1024^2 fp32 matrices
 in a loop with torch's default threads and wait policy (a plain torch job). Prints milliseconds per
 step (best of --repeats) and busy / quiet. The machine's other load is printed with each figure (the
@@ -43,12 +45,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--ways", nargs="+", choices=["pack", "before"], default=["pack", "before"],
+    parser.add_argument("--ways", nargs="+", choices=["pack", "before", "passive", "active"],
+                        default=["pack", "before"],
                         help="which starts to time (before is slow on a busy machine)")
     args = parser.parse_args()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
-    ways = {"pack": ([sys.executable, "-m", "ldm_nodes"], clean),
-            "before": ([sys.executable, "-c", MAIN], dict(clean, OMP_NUM_THREADS=str(os.cpu_count())))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    cli = [sys.executable, "-m", "ldm_nodes"]
+    ways = {"pack": (cli, clean),
+            "before": ([sys.executable, "-c", MAIN], dict(clean, OMP_NUM_THREADS=str(os.cpu_count()))),
+            "passive": (cli, dict(clean, OMP_WAIT_POLICY="PASSIVE")),
+            "active": (cli, dict(clean, OMP_WAIT_POLICY="ACTIVE"))}
     ways = {name: ways[name] for name in args.ways}
     out = tempfile.mkdtemp(prefix="ldm_busy_")
     results = {}

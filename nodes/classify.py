@@ -103,9 +103,9 @@ class LDMComfyClassify:
             progress.total = total * len(candidates)
             progress.update(len(bounds) * total + done)
 
-        def work(denoise, x0, sigmas):
+        def work(denoise, x0, sigmas, batch):
             timesteps.append(len(sigmas))
-            return denoiser_likelihood(denoise, x0, sigmas, "beta_tilde", steps, seed, progress=update)
+            return denoiser_likelihood(denoise, x0, sigmas, "beta_tilde", steps, seed, progress=update, batch=batch)
 
         for conditioning in conditionings:
             bounds.append(host.run_under_model(model, conditioning, latent, work))

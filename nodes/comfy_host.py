@@ -51,15 +51,27 @@ class ComfyHost(Host):
                                       "with x = x0 + sigma eps (SD1.x, SD2.x, SDXL and their fine-tunes are); "
                                       "the bound needs one")
         results = []
+        batch = self._timesteps_per_call(model, latent)
 
         def function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-            results.append(work(lambda x_, sigma: model_k(x_, sigma, **(extra_args or {})), x, sampling.sigmas))
+            results.append(work(lambda x_, sigma: model_k(x_, sigma, **(extra_args or {})), x, sampling.sigmas, batch))
             return x
 
         ends = torch.stack([sampling.sigma_max, sampling.sigma_min]).float()
         comfy.sample.sample_custom(model, torch.zeros_like(latent), 1.0, comfy.samplers.KSAMPLER(function), ends,
                                    conditioning, conditioning, latent, disable_pbar=True, seed=0)
         return results[0]
+
+    @staticmethod
+    def _timesteps_per_call(model, latent, most=64):
+        """(image, timestep) pairs per model call: `most`, halved until core's own estimate of the call's
+        memory (BaseModel.memory_required, with its 1.5 margin as in calc_cond_batch) fits the free memory
+        of the model's device (an SD1.5 UNet at 512 x 512 takes far fewer than 64 at once on most GPUs)."""
+        free = mm.get_free_memory(model.load_device)
+        batch = most
+        while batch > 1 and model.model.memory_required([batch, *latent.shape[1:]]) * 1.5 > free:
+            batch //= 2
+        return batch
 
     def encode(self, vae, image):
         ratio = vae.downscale_ratio

@@ -39,10 +39,11 @@ class Host:
         return function
 
     def run_under_model(self, model, conditioning, latent, work):
-        """work(denoise, x0, sigmas) under the host's own diffusion model (ComfyUI's MODEL with its
+        """work(denoise, x0, sigmas, batch) under the host's own diffusion model (ComfyUI's MODEL with its
         CONDITIONING): denoise(x, sigma) -> x0 the model's k-diffusion denoiser with that conditioning, x0 the
-        model's scaled `latent`, sigmas its discrete training sigmas. Returns what work returns. This host
-        has no models of its own."""
+        model's scaled `latent`, sigmas its discrete training sigmas, batch how many samples one call of
+        denoise may take (from the host's memory). Returns what work returns. This host has no models of
+        its own."""
         raise InputError("model", "a ComfyUI MODEL exists only inside ComfyUI; headless, score the pack's own "
                                   "models with LDMLikelihood")
 
@@ -117,7 +118,7 @@ def tile_progress():
 
 
 def run_under_model(model, conditioning, latent, work):
-    """work(denoise, x0, sigmas) under the host's model: see Host.run_under_model."""
+    """work(denoise, x0, sigmas, batch) under the host's model: see Host.run_under_model."""
     return _host.run_under_model(model, conditioning, latent, work)
 
 

@@ -92,8 +92,8 @@ class LDMComfyLikelihood:
             progress.total = total
             progress.update(done)
 
-        def work(denoise, x0, sigmas):
-            return denoiser_likelihood(denoise, x0, sigmas, variance, steps, progress=update)
+        def work(denoise, x0, sigmas, batch):
+            return denoiser_likelihood(denoise, x0, sigmas, variance, steps, progress=update, batch=batch)
 
         bound = host.run_under_model(model, conditioning, latent, work)
         plot = torch.from_numpy(np.asarray(plot_bound(bound), dtype=np.float32) / 255)[None]

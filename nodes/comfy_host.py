@@ -50,6 +50,9 @@ class ComfyHost(Host):
             raise InputError("model", f"its sampling ({type(sampling).__name__}) is not a discrete DDPM schedule "
                                       "with x = x0 + sigma eps (SD1.x, SD2.x, SDXL and their fine-tunes are); "
                                       "the bound needs one")
+        if model.model.model_config.inpaint_model():
+            raise InputError("model", "is an inpainting (or image-conditioned) model: it models the masked region "
+                                      "given the rest, not whole images, so it has no likelihood of an image")
         results = []
         batch = self._timesteps_per_call(model, latent)
 

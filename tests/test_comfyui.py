@@ -846,7 +846,8 @@ def test_comfy_host_against_comfyuis_own_modules(tmp_path):
 # COMFYUI_PYTHON as above. Random weights (every parameter N(0, 0.02^2), fp16 in the files), one 64x64 image,
 # a random conditioning tensor of each family's width, 20 strided timesteps:
 # - SD1.x (one-level UNet, SD's VAE, CLIP-L): the same file loaded by the pack (core.checkpoint) gives the
-#   same bound through pipeline.likelihood, and both autoencoders the same latent;
+#   same bound through pipeline.likelihood, and both autoencoders the same latent; its inpainting twin
+#   (9 input channels), which core would score without a word, is refused;
 # - SD2.x v-prediction (four levels, so output_blocks.11.1 exists and core detects v from its norm's bias):
 #   the bound equals variational_bound on the pack's UNet holding those weights, read as v (not as eps);
 # - SDXL-shaped (Segmind Vega's depths at one width, core's own UNet class; pooled output and sizes in the
@@ -869,6 +870,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel as CoreUNet
 from ldm_nodes.core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_nodes.core.checkpoint import load_checkpoint
 from ldm_nodes.core.classify import classify, encode_candidates
+from ldm_nodes.core.errors import InputError
 from ldm_nodes.core.likelihood import variational_bound
 from ldm_nodes.core.pipeline import DiffusionModel, TextEncoder, likelihood
 from ldm_nodes.core.schedule import TrainingSchedule
@@ -930,6 +932,18 @@ sd1_nll = node_bound(model, core_vae, [[context, {{}}]])
 close(sd1_nll, pack, "SD1.x against the pack's own bound")
 other = node_bound(model, core_vae, [[torch.randn(1, 77, 768), {{}}]])
 assert abs(other - sd1_nll) > 1e-6, "the conditioning does not reach the model"
+
+# an SD1.x inpainting UNet (9 input channels) is refused, naming the model, as LDMLikelihood refuses the pack's
+inpaint = write("sd1_inpaint", {{"model.diffusion_model.": randomise(UNetModel(UNetConfig(
+    9, 4, 320, (1,), 1, (0,), 1, 768, num_heads=8)), 15), "first_stage_model.": vae}})
+inpaint_model, inpaint_vae = core_load(inpaint)
+assert inpaint_model.model.model_config.inpaint_model()
+try:
+    node_bound(inpaint_model, inpaint_vae, [[context, {{}}]])
+except InputError as e:
+    assert str(e).startswith("model: is an inpainting"), e
+else:
+    raise AssertionError("an inpainting model was scored")
 # classification: core's CLIP encodes as the pack's text encoder does, and LDMComfyClassify (candidate by
 # candidate through core's sampling) ranks and scores as the pack's LDMClassify (one batch) on the same file
 prompts = ["a red circle", "a blue square", "a green triangle on a white background"]

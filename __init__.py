@@ -3,9 +3,11 @@
 ComfyUI imports this folder as a custom-node package; `pip install -e .` installs the same
 folder as the package `ldm_nodes`. Imports inside the pack are relative, so both work.
 """
+from .core.gc_pause import pause_for_cli
 from .core.threads import short_spin_for_cli
 
 short_spin_for_cli(__name__)  # `python -m ldm_nodes` only, before torch loads OpenMP (core/threads.py)
+pause_for_cli(__name__)  # and no garbage collection until the imports are done (core/gc_pause.py)
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, examples, host, model_paths  # noqa: E402
 

@@ -25,8 +25,9 @@ def main(argv=None):
         parser.print_help()
         return 0
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the command that resumes an interrupted run
-    from ..core import threads
+    from ..core import gc_pause, threads
 
+    gc_pause.resume()  # the imports are done: freeze what they made, collect again
     threads.configure()  # torch's threads for this process (never under a host), said before the first progress
     try:
         return COMMANDS[args.command].run(args)

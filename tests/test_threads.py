@@ -116,3 +116,55 @@ def test_importing_the_pack_changes_no_process_setting():
             "print(n == torch.get_num_threads(), [k for k in os.environ if k.startswith(('OMP_', 'GOMP_'))])")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True []"
+
+
+class FakeGC:
+    """Stands in for the gc module, so the tests do not turn this process's collector off."""
+
+    def __init__(self, enabled=True):
+        self.enabled, self.calls = enabled, []
+
+    def isenabled(self):
+        return self.enabled
+
+    def disable(self):
+        self.enabled = False
+        self.calls.append("disable")
+
+    def enable(self):
+        self.enabled = True
+        self.calls.append("enable")
+
+    def freeze(self):
+        self.calls.append("freeze")
+
+
+def test_collection_pauses_only_for_the_cli_before_torch_and_resumes_frozen(monkeypatch):
+    from ldm_nodes.core import gc_pause
+    cli = ["python3", "-m", "ldm_nodes", "run"]
+    fake = FakeGC()
+    monkeypatch.setattr(gc_pause, "gc", fake)
+    monkeypatch.setattr(gc_pause, "_paused", False)
+    gc_pause.resume()  # nothing paused: nothing to do (tests call the CLI's main in-process)
+    assert fake.calls == []
+    assert not gc_pause.pause_for_cli(argv=["python3", "main.py"]) and fake.calls == []  # a host
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    assert not gc_pause.pause_for_cli(argv=cli) and fake.calls == []  # torch already loaded: not ours
+    monkeypatch.delitem(sys.modules, "torch")  # as at the top of the package's __init__ under `python -m`
+    assert gc_pause.pause_for_cli(argv=cli) and fake.calls == ["disable"]
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    gc_pause.resume()
+    gc_pause.resume()
+    assert fake.calls == ["disable", "freeze", "enable"] and fake.enabled
+
+
+def test_the_command_line_process_collects_again_once_its_command_runs():
+    """In a fresh interpreter that is the command line (as `python -m ldm_nodes` starts it): importing the
+    pack pauses collection, and the CLI's main() freezes the imports and collects again before the command."""
+    code = (f"import sys; sys.orig_argv = [sys.executable, '-m', 'ldm_nodes', 'nll']; import gc, ldm_nodes; "
+            f"paused = not gc.isenabled(); from ldm_nodes.cli import main; "
+            f"status = main(['nll', {str(PACK / 'input' / 'shapes_32.png')!r}, '--steps', '2', '--quiet']); "
+            f"print(paused, gc.isenabled(), gc.get_freeze_count() > 100000, status)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.splitlines()[-1].split() == ["True", "True", "True", "0"], done.stdout + done.stderr

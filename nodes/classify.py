@@ -1,13 +1,11 @@
 """LDMClassify: which of several prompts the model finds most likely for an image, by the bound under each;
 LDMComfyClassify: the same for the models ComfyUI loads itself."""
-import numpy as np
-import torch
-
 from ..core.classify import DEFAULT_STEPS, classify, encode_candidates, paired_classification
 from ..core.errors import InputError
 from ..core.likelihood import denoiser_likelihood
 from ..core.plot import plot_classification
 from . import host
+from .likelihood import as_image
 
 
 class LDMClassify:
@@ -42,13 +40,7 @@ class LDMClassify:
     def classify(self, image, model, text_encoder, vae, prompts, steps, seed):
         candidates = candidate_prompts(prompts)
         contexts = encode_candidates(text_encoder.get(), candidates)
-        progress = host.progress(1)
-
-        def update(done, total):
-            progress.total = total
-            progress.update(done)
-
-        result = classify(model.get(), vae.get(), image, contexts, steps, seed, progress=update)
+        result = classify(model.get(), vae.get(), image, contexts, steps, seed, progress=host.late_progress())
         return answer(result, candidates)
 
 
@@ -63,8 +55,7 @@ def candidate_prompts(prompts):
 
 
 def answer(result, candidates):
-    plot = torch.from_numpy(np.asarray(plot_classification(result, candidates), dtype=np.float32) / 255)[None]
-    return (candidates[result.ranking[0]], plot)
+    return (candidates[result.ranking[0]], as_image(plot_classification(result, candidates)))
 
 
 class LDMComfyClassify:
@@ -96,12 +87,11 @@ class LDMComfyClassify:
             raise InputError("image", f"a batch of {image.shape[0]}: classification takes one image at a time")
         latent = host.encode(vae, image)
         conditionings = [host.encode_text(clip, text) for text in candidates]
-        progress = host.progress(1)
+        progress = host.late_progress()
         bounds, timesteps = [], []
 
         def update(done, total):  # total: one candidate's calls
-            progress.total = total * len(candidates)
-            progress.update(len(bounds) * total + done)
+            progress(len(bounds) * total + done, total * len(candidates))
 
         def work(denoise, x0, sigmas, batch):
             timesteps.append(len(sigmas))

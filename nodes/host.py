@@ -105,9 +105,9 @@ def progress(total):
     return _host.progress(total)
 
 
-def tile_progress():
+def late_progress():
     """A progress(done, total) function for work whose total is known only when it starts (the
-    autoencoder's tiles): the host's progress report, made at the first call."""
+    autoencoder's tiles, the bound's network calls): the host's progress report, made at the first call."""
     made = []
 
     def report(done, total):

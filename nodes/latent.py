@@ -55,7 +55,7 @@ class LDMEncodeImage:
         core = vae.get()
         check_fits("encode", core, image.shape)
         if mask is None:
-            return ({"samples": encode_image(core, image, progress=host.tile_progress())},)
+            return ({"samples": encode_image(core, image, progress=host.late_progress())},)
         samples, noise_mask, masked_latent = encode_masked_image(core, image, mask, grow_mask_by)
         return ({"samples": samples, "noise_mask": noise_mask, "masked_latent": masked_latent},)
 
@@ -77,4 +77,4 @@ class LDMDecodeLatent:
     def decode(self, vae, samples):
         core = vae.get()
         check_fits("decode", core, samples["samples"].shape)
-        return (decode_latent(core, samples["samples"], progress=host.tile_progress()),)
+        return (decode_latent(core, samples["samples"], progress=host.late_progress()),)

@@ -46,17 +46,14 @@ class LDMLikelihood:
         }
 
     def score(self, model, vae, image, variance, steps, conditioning=None):
-        core = model.get()
-        progress = host.progress(1)
-
-        def update(done, total):
-            progress.total = total
-            progress.update(done)
-
         context = conditioning.context if conditioning is not None else None
-        bound = likelihood(core, vae.get(), image, context, variance, steps, progress=update)
-        plot = torch.from_numpy(np.asarray(plot_bound(bound), dtype=np.float32) / 255)[None]
-        return (float(bound.total.mean()), plot)
+        bound = likelihood(model.get(), vae.get(), image, context, variance, steps, progress=host.late_progress())
+        return (float(bound.total.mean()), as_image(plot_bound(bound)))
+
+
+def as_image(picture):
+    """A plot (PIL RGB) as ComfyUI's IMAGE [1, H, W, 3] in 0..1."""
+    return torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255)[None]
 
 
 class LDMComfyLikelihood:
@@ -86,15 +83,10 @@ class LDMComfyLikelihood:
 
     def score(self, model, vae, image, conditioning, variance, steps):
         latent = host.encode(vae, image)
-        progress = host.progress(1)
-
-        def update(done, total):
-            progress.total = total
-            progress.update(done)
+        progress = host.late_progress()
 
         def work(denoise, x0, sigmas, batch):
-            return denoiser_likelihood(denoise, x0, sigmas, variance, steps, progress=update, batch=batch)
+            return denoiser_likelihood(denoise, x0, sigmas, variance, steps, progress=progress, batch=batch)
 
         bound = host.run_under_model(model, conditioning, latent, work)
-        plot = torch.from_numpy(np.asarray(plot_bound(bound), dtype=np.float32) / 255)[None]
-        return (float(bound.total.mean()), plot)
+        return (float(bound.total.mean()), as_image(plot_bound(bound)))

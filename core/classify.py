@@ -30,7 +30,8 @@ import torch
 
 from .autoencoder import placement
 from .errors import InputError
-from .likelihood import UNITS, _check_context, _check_schedule, _check_x0, bound_terms, noise_draws, strided_timesteps
+from .likelihood import (UNITS, _check_context, _check_schedule, _check_x0, bound_terms, noise_draws,
+                         strided_timesteps, timesteps_per_call)
 from .memory import available_memory, estimate_peak
 from .objective import prior_kl, q_sample
 from .pipeline import bound_data, counted_network, encode_text
@@ -83,7 +84,7 @@ def classify_bound(network, x0, contexts, schedule, timesteps, generator, predic
     x_t = q_sample(x0.to(work).expand(len(evaluated), *x0.shape[1:]), alpha_bar.to(work)[evaluated],
                    eps).to(x0.device)
     values = torch.empty(n, len(evaluated), dtype=torch.float64)
-    per_call = max(1, batch_size // n)
+    per_call = timesteps_per_call(n, batch_size)
     for start in range(0, len(evaluated), per_call):
         columns = slice(start, start + per_call)
         k = len(evaluated[columns])
@@ -166,7 +167,7 @@ def classify(model, vae, image, contexts, steps=DEFAULT_STEPS, seed=0, variance=
         raise InputError("image", f"a batch of {len(x0)}: classification takes one image at a time")
     device, _ = placement(model.network)
     batch = pairs_per_call(model.network, x0.shape, contexts.shape[1])
-    network = counted_network(model, math.ceil((steps + 1) / max(1, batch // len(contexts))), progress)
+    network = counted_network(model, steps + 1, len(contexts), batch, progress)
     with torch.inference_mode():
         return classify_bound(network, x0.float().to(device), contexts.to(device), model.schedule, steps,
                               torch.Generator("cpu").manual_seed(seed), model.prediction, variance,

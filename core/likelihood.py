@@ -161,7 +161,7 @@ def variational_bound(network, x0, schedule, prediction="eps", context=None, var
 
     work = torch.float32 if x0.device.type == "mps" else torch.float64
     values = torch.empty(evaluated.shape[1], b, dtype=torch.float64)
-    per_call = max(1, batch_size // b)
+    per_call = timesteps_per_call(b, batch_size)
     for start in range(0, evaluated.shape[1], per_call):
         chunk = evaluated[:, start:start + per_call]
         n = chunk.shape[1]
@@ -189,6 +189,28 @@ def variational_bound(network, x0, schedule, prediction="eps", context=None, var
                             timesteps=index.contiguous(), prior=prior, decoder=decoder,
                             standard_error=None if standard_error is None else standard_error / per_unit,
                             dims=dims)
+
+
+def timesteps_per_call(rows, batch_size):
+    """Columns of evaluated timesteps one network call takes for `rows` images (or candidates) at batch_size
+    (row, timestep) pairs per call: at least one."""
+    return max(1, batch_size // rows)
+
+
+def counted(network, columns, rows, batch_size, progress=None):
+    """network(x, t, context) that reports progress(done, calls) after each call, `calls` being how many the
+    bound makes for `columns` evaluated timesteps (L_0's included) of `rows` rows at batch_size."""
+    calls = math.ceil(columns / timesteps_per_call(rows, batch_size))
+    done = [0]
+
+    def call(x, t, context):
+        out = network(x, t, context)
+        done[0] += 1
+        if progress:
+            progress(done[0], calls)
+        return out
+
+    return call
 
 
 def strided_timesteps(b, T, K, generator):
@@ -262,18 +284,8 @@ def denoiser_likelihood(denoise, x0, sigmas, variance="beta_tilde", steps=0, see
     schedule = SigmaTable(sigmas)
     T = schedule.num_timesteps
     check_bound_steps(steps, T)
-    calls = math.ceil((T if steps == 0 else steps + 1) / max(1, batch // len(x0)))
-    network = x0_network(denoise, schedule)
-    done = [0]
-
-    def counted(x_t, t, context):
-        out = network(x_t, t).float()
-        done[0] += 1
-        if progress:
-            progress(done[0], calls)
-        return out
-
+    network = counted(x0_network(denoise, schedule), T if steps == 0 else steps + 1, len(x0), batch, progress)
     with torch.inference_mode():
-        return variational_bound(counted, x0.float(), schedule, "x0", None, variance, discrete=False,
+        return variational_bound(network, x0.float(), schedule, "x0", None, variance, discrete=False,
                                  timesteps=steps or None, generator=torch.Generator("cpu").manual_seed(seed),
                                  batch_size=batch)

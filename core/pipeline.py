@@ -19,7 +19,7 @@ from .errors import InputError
 from .eta import call_seconds
 from .inpaint import (ConcatInputs, MaskedDenoiser, concat_inputs, grow_mask, keep_outside, latent_mask, masked_pixels,
                       repeat_to_batch)
-from .likelihood import check_bound_steps, variational_bound
+from .likelihood import check_bound_steps, counted, variational_bound
 from .samplers import NonFiniteError, get_sampler
 from .schedule import BETA_SCHEDULES, SPACINGS, TrainingSchedule, sampling_schedule
 from .text import CLIPTokenizer, encode_prompt
@@ -334,22 +334,13 @@ def bound_data(model, vae, image):
     return encode_image(vae, image).double() * model.scale_factor
 
 
-def counted_network(model, calls, progress=None):
+def counted_network(model, columns, rows, batch_size, progress=None):
     """model.network as the bound calls it, network(x, t, context), in the model's dtype and device, returning
-    float32; progress(done, calls) after each call."""
+    float32; progress(done, calls) after each call (core/likelihood.counted)."""
     device, dtype = placement(model.network)
-    done = [0]
-
     net = cpu_layout(model.network)
-
-    def network(x, t, c):
-        out = net(x.to(dtype), t, c.to(device, dtype)).float()
-        done[0] += 1
-        if progress:
-            progress(done[0], calls)
-        return out
-
-    return network
+    return counted(lambda x, t, c: net(x.to(dtype), t, c.to(device, dtype)).float(), columns, rows, batch_size,
+                   progress)
 
 
 def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, seed=0, progress=None):
@@ -367,7 +358,7 @@ def likelihood(model, vae, image, context=None, variance="beta_tilde", steps=0, 
     x0 = bound_data(model, vae, image)
     context = model.empty_context if context is None else context
     batch = 64
-    network = counted_network(model, math.ceil((T if steps == 0 else steps + 1) / max(1, batch // len(x0))), progress)
+    network = counted_network(model, T if steps == 0 else steps + 1, len(x0), batch, progress)
     with torch.inference_mode():
         return variational_bound(network, x0.float().to(device), model.schedule, model.prediction, context.to(device),
                                  variance, discrete=model.pixel_space, timesteps=steps or None,

@@ -10,9 +10,8 @@ collection on again: cycles made afterwards are collected as ever, what the impo
 again. A host (ComfyUI) imports torch first, so its collector is never touched.
 """
 import gc
-import sys
 
-from .threads import PACKAGE, started_as_cli
+from .threads import PACKAGE, cli_before_torch
 
 _paused = False
 
@@ -21,7 +20,7 @@ def pause_for_cli(package=PACKAGE, argv=None):
     """Turn collection off when this process is the pack's command line and torch is not loaded yet.
     Returns whether it did."""
     global _paused
-    if "torch" in sys.modules or not started_as_cli(argv, package) or not gc.isenabled():
+    if not cli_before_torch(package, argv) or not gc.isenabled():
         return False
     gc.disable()
     _paused = True

@@ -49,11 +49,16 @@ def started_as_cli(argv=None, package=PACKAGE):
 SPIN = "10000"  # GOMP_SPINCOUNT: turns a waiting OpenMP thread spins before it sleeps
 
 
+def cli_before_torch(package=PACKAGE, argv=None):
+    """Whether this process is the pack's command line and torch is not loaded yet: when the pack may set
+    what the process starts with (a host's process, whose torch came first, is never touched)."""
+    return "torch" not in sys.modules and started_as_cli(argv, package)
+
+
 def short_spin_for_cli(package=PACKAGE, environ=os.environ, argv=None):
     """GOMP_SPINCOUNT=SPIN in the environment when this process is the pack's command line, torch is not
     loaded yet and the user has chosen no wait policy nor spin count. Returns whether it was set."""
-    if ({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(environ) or "torch" in sys.modules
-            or not started_as_cli(argv, package)):
+    if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(environ) or not cli_before_torch(package, argv):
         return False
     environ["GOMP_SPINCOUNT"] = SPIN
     return True

@@ -9,7 +9,9 @@ OMP_NUM_THREADS / OMP_WAIT_POLICY before starting it, as for the CLI):
   - the built-in model (builtin/tiny-shapes): one UNet call as sampling makes it (fp32, and bf16 where
     the CPU has it: what precision auto picks there) (batch 2, 16x16x4 latent, context 77), one
     sampling step of dpmpp_2m with CFG ((a 41-step run - a 1-step run) / 40: the network, the sampler's
-    updates, the CFG mix; fp32, and bf16 where the CPU has it), and one timestep of the pixel model's bound (builtin/tiny-shapes-pixel on a
+    updates, the CFG mix; fp32, and bf16 where the CPU has it; eager, and compiled as LDMLoadModel's
+    `compile` runs it: core/compiled.py, whose packages this builds on its first run, about a minute
+    each, kept in ~/.cache/ldm-nodes/compiled), and one timestep of the pixel model's bound (builtin/tiny-shapes-pixel on a
     32x32 image, the batch nll uses).
 FLOPs come from torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions; norms, softmax and
 elementwise work are not counted, so the pack's rate is a lower bound on the work it does). Times are the
@@ -20,6 +22,7 @@ against the best fp32 dense rate of this run.
 import argparse
 import copy
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -117,13 +120,16 @@ def pack_rates(repeats, skip_nll, bf16):
             load_checkpoint(model_file("builtin/tiny-shapes.safetensors"), dtype=dtype, vae_dtype=torch.float32))
         cond = Conditioning(steps_model.empty_context, "")
 
-        def run(sigmas):
-            return lambda: sample(steps_model, latent, cond, cond, seed=0, sigmas=sigmas, sampler_name="dpmpp_2m",
-                                  cfg=5.0)
+        work = None
+        for how, sampled in (("", steps_model), (" compiled", replace(steps_model, compile=True))):
+            def run(sigmas):
+                return lambda: sample(sampled, latent, cond, cond, seed=0, sigmas=sigmas, sampler_name="dpmpp_2m",
+                                      cfg=5.0, on_note=print)
 
-        long_run, short_run = run(schedule), run(schedule[-2:])
-        step = (best_seconds(long_run, max(3, repeats // 5)) - best_seconds(short_run, repeats)) / 40
-        rows[f"sampling step (dpmpp_2m, CFG) {name}"] = (step, flops(short_run))
+            long_run, short_run = run(schedule), run(schedule[-2:])
+            work = work or flops(short_run)  # the compiled package's work is the eager network's
+            step = (best_seconds(long_run, max(3, repeats // 5)) - best_seconds(short_run, repeats)) / 40
+            rows[f"sampling step (dpmpp_2m, CFG){how} {name}"] = (step, work)
 
     if not skip_nll:
         pixel = load_checkpoint(model_file("builtin/tiny-shapes-pixel.safetensors"))
@@ -157,7 +163,7 @@ def main():
         best[name] = max(rates.values())
         print(f"best dense {name}: {best[name]:.1f} GFLOP/s")
     for what, (ms, gflop, rate) in pack_rates(args.repeats, args.skip_nll, bf16).items():
-        line = (f"{what:38s} {ms:8.2f} ms  {gflop:7.3f} GFLOP  {rate:6.1f} GFLOP/s  "
+        line = (f"{what:47s} {ms:8.2f} ms  {gflop:7.3f} GFLOP  {rate:6.1f} GFLOP/s  "
                 f"{100 * rate / best['fp32']:5.1f} % of best dense fp32")
         if what.endswith("bf16"):
             line += f", {100 * rate / best['bf16']:5.1f} % of best dense bf16"

@@ -212,15 +212,20 @@ class CapturedNetwork:
         return out.clone()
 
 
-def fast_network(network):
+def fast_network(network, compiled=False, note=None):
     """The network as a sampling run should call it, with its state x in fp32 (run_fp32): on CUDA in
-    gpu_layout and replayed from the network's captured graphs; elsewhere run eagerly, on the CPU in
-    cpu_layout."""
+    gpu_layout and replayed from the network's captured graphs; elsewhere on the CPU in cpu_layout, run
+    eagerly or, when `compiled`, from its ahead-of-time compiled packages (core/compiled.py; note(text)
+    hears of a build, which takes about a minute, and of a failure to build)."""
     param = next(network.parameters())
-    if param.device.type != "cuda":
-        cpu_layout(network)
+    if param.device.type == "cuda":
+        return captured(gpu_layout(network))
+    cpu_layout(network)
+    if not compiled:
         return lambda x, t, context: run_fp32(network, x, t, context)
-    return captured(gpu_layout(network))
+    from .compiled import compiled_network  # only when asked: it is not needed to start
+    call = compiled_network(network, network, note)
+    return lambda x, t, context: call(x.to(param.dtype), t, context).float()
 
 
 def captured(network, kind=CapturedNetwork):

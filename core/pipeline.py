@@ -39,6 +39,7 @@ class DiffusionModel:
     empty_context: torch.Tensor = None  # the empty prompt's encoding: the likelihood's default condition
     name: str = None  # the file it came from, for messages
     factor: int = None  # the autoencoder's downsampling factor f (1 in pixel space), when known
+    compile: bool = False  # sample on the CPU from packages compiled ahead of time (core/compiled.py)
 
     @property
     def in_channels(self):
@@ -213,7 +214,8 @@ def warn_size(model, latent_shape):
 
 
 def sample(model, latent, positive, negative, *, seed, sigmas, sampler_name, cfg, eta=-1.0, guidance_rescale=0.0,
-           ddpm_variance="beta_tilde", noise_mask=None, masked_latent=None, callback=None, on_estimate=None):
+           ddpm_variance="beta_tilde", noise_mask=None, masked_latent=None, callback=None, on_estimate=None,
+           on_note=None):
     """Denoise an unscaled latent [B, C, h, w] along `sigmas`; returns the unscaled result on the CPU.
 
     Everything after `negative` is passed by name, so two adjacent numbers cannot be swapped.
@@ -226,6 +228,8 @@ def sample(model, latent, positive, negative, *, seed, sigmas, sampler_name, cfg
     masked_latent: the unscaled latent of the masked image, for an inpainting model's extra inputs.
     on_estimate(seconds): called before the first step, for a latent larger than eta.ESTIMATE_ABOVE positions,
     with the estimated seconds of one network call (core/eta.py), so a long run can say so at once.
+    on_note(text): hears what takes long before the first step, or went wrong without stopping the run: a
+    model loaded with `compile` being compiled for this CPU (core/compiled.py), or why it could not be.
     """
     for name, value in (("cfg", cfg), ("eta", eta), ("guidance_rescale", guidance_rescale)):
         if not math.isfinite(value):  # NaN passes every min/max check, and would be taken as eta's default
@@ -236,7 +240,7 @@ def sample(model, latent, positive, negative, *, seed, sigmas, sampler_name, cfg
     mask = latent_mask(noise_mask, latent.shape) if noise_mask is not None else None
     warn_size(model, latent.shape)
     z = latent.float() * model.scale_factor
-    network = inpainting_network(model, mask, z, masked_latent)
+    network = inpainting_network(model, mask, z, masked_latent, on_note)
     if len(sigmas) < 2:
         return latent.clone()
     param = next(model.network.parameters())
@@ -272,10 +276,11 @@ def _estimate_call(model, cond, uncond, cfg, guidance_rescale, sigma, shape, on_
         on_estimate(seconds)
 
 
-def inpainting_network(model, mask, z, masked_latent):
-    """The network to sample with: an inpainting model (more input channels than the latent has) reads
-    cat(x_t, mask, masked image latent) and is refused without a mask; any other model is used as is."""
-    network = fast_network(model.network)
+def inpainting_network(model, mask, z, masked_latent, note=None):
+    """The network to sample with (accel.fast_network, compiled when the model says so): an inpainting model
+    (more input channels than the latent has) reads cat(x_t, mask, masked image latent) and is refused
+    without a mask; any other model is used as is."""
+    network = fast_network(model.network, model.compile, note)
     in_channels = model.in_channels
     if in_channels == model.latent_channels:
         return network

@@ -94,6 +94,6 @@ class LDMSample:
                      callback=callback, on_estimate=lambda seconds: progress.note(
                          f"about {duration(seconds)} a network call at this size (estimated), so about "
                          f"{duration(seconds * (len(run) - 1))} for {len(run) - 1} steps (twice that for a "
-                         "second-order sampler)"))
+                         "second-order sampler)"), on_note=progress.note)
         steps = (torch.cat(denoised).float().cpu() / core.scale_factor) if denoised else out.clone()
         return ({**latent, "samples": out}, {"samples": steps})

@@ -45,7 +45,7 @@ DDPM_VARIANCES = ["beta_tilde", "beta"]
 CONTRACT = {
     "LDMLoadModel": {
         "required": [("ckpt_name", COMBO), ("precision", PRECISIONS)],
-        "optional": [],
+        "optional": [("compile", "BOOLEAN")],
         "outputs": [("model", "LDM_MODEL"), ("text_encoder", "LDM_TEXT_ENCODER"), ("vae", "LDM_VAE")],
     },
     "LDMEncodeText": {
@@ -502,6 +502,50 @@ def test_img2img(graph):
     other = LDMEncodeImage().encode(graph["vae"], 1 - image)[0]
     assert not torch.allclose(run(other, 0.5)[1], out)  # the result depends on the input image
     assert torch.equal(run(latent, 0.0)[0]["samples"], latent["samples"])  # denoise 0: nothing to do
+
+
+def test_load_with_compile_samples_through_the_compiled_network_of_the_same_weights(tiny_file, monkeypatch, tmp_path):
+    """LDMLoadModel's compile shares the loaded weights (no second load) and LDMSample then calls the
+    network's package (here a stand-in: the eager network plus 1, built without a compiler) and says so."""
+    from ldm_nodes.core import compiled
+    from ldm_nodes.nodes import host
+
+    saved = list(model_paths._model_dirs)
+    model_paths.set_model_dirs([tiny_file.parent])
+    try:
+        plain = LDMLoadModel().load("tiny.safetensors", "fp32")
+        fast, text_encoder, vae = LDMLoadModel().load("tiny.safetensors", "fp32", True)
+        again = LDMLoadModel().load("tiny.safetensors", "fp32", True)[0]
+    finally:
+        model_paths.set_model_dirs(saved)
+    assert fast.core.compile and not plain[0].core.compile and fast.core.network is plain[0].core.network
+    assert again.core.network is fast.core.network and (text_encoder, vae) == plain[1:]
+    built, notes = [], []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(compiled, "build_package", lambda network, inputs, path: built.append(path))
+    monkeypatch.setattr(compiled, "_PACKAGES", compiled.weakref.WeakKeyDictionary())
+    network = fast.core.network
+
+    class StandIn:  # the C++ runner of a package: the eager network plus 1
+        def __init__(self, path, models):
+            pass
+
+        def run(self, inputs):
+            return [network(*inputs) + 1]
+    monkeypatch.setattr(compiled.torch._C._aoti, "AOTIModelContainerRunnerCpu", StandIn)
+    monkeypatch.setattr(host.Progress, "note", lambda self, text: notes.append(text))
+    conditioning = LDMEncodeText().encode(text_encoder, "")[0]
+    latent = LDMEmptyLatent().make(vae, 32, 32, 1)[0]
+    samples = []
+    for model in (plain[0], fast):
+        schedule = LDMNoiseSchedule().schedule("model", 1, "karras", False, model=model)[0]
+        samples.append(LDMSample().sample(model, schedule, conditioning, conditioning, latent, 0, "euler", 4.0,
+                                          1.0)[0]["samples"])
+    assert len(built) == 1 and any("compiling the denoiser" in text for text in notes), notes
+    # one euler step to sigma 0 lands on x - sigma_0 eps: the stand-in's eps + 1 moves it by sigma_0 / scale
+    sigma_0 = schedule.sigmas(fast.core.schedule)[0].item()
+    torch.testing.assert_close(samples[0] - samples[1], torch.full_like(samples[0], sigma_0 / fast.core.scale_factor),
+                               rtol=1e-4, atol=1e-3)
 
 
 def test_img2img_refuses_an_image_off_the_grid(graph):

@@ -3,7 +3,9 @@
     python bench/bf16_cpu.py [--seeds 4] [--repeats 2] [--skip-sd15]
 
 - For each built-in latent model (UNet and transformer): the txt2img workflow's image (20 dpmpp_2m steps,
-  CFG 5, the workflow's prompt) with the denoiser and text encoder in bf16 against fp32, seeds 0..--seeds-1,
+  CFG 5, the workflow's prompt) with the denoiser and text encoder in bf16, and with the denoiser compiled
+  (LDMCompileModel, in fp32 and bf16; core/compiled.py builds its packages on the first run, about
+  a minute each, kept in ~/.cache/ldm-nodes/compiled) against eager fp32, seeds 0..--seeds-1,
   same seed same noise; the sampler's state and the autoencoder stay fp32 (core/accel.run_fp32). Prints
   the mean and largest absolute difference of the 8-bit images in 1/255 steps, and the time of one image.
   `precision=auto` picks bf16 on a CPU with bf16 instructions only while every mean here is under
@@ -16,6 +18,7 @@ import argparse
 import copy
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +37,9 @@ PACK = Path(__file__).resolve().parent.parent
 MODELS = ("builtin/tiny-shapes.safetensors", "builtin/tiny-shapes-transformer.safetensors")
 
 
-def image(name, dtype, seed, prompt):
+def image(name, dtype, seed, prompt, compile=False):
     ck = load_checkpoint(model_file(name), dtype=dtype, vae_dtype=torch.float32)
-    model, tokenizer = DiffusionModel.from_checkpoint(ck), CLIPTokenizer()
+    model, tokenizer = replace(DiffusionModel.from_checkpoint(ck), compile=compile), CLIPTokenizer()
     with torch.inference_mode():
         cond = Conditioning(encode_prompt(tokenizer, ck.text_encoder, prompt), prompt)
         uncond = Conditioning(encode_prompt(tokenizer, ck.text_encoder, ""), "")
@@ -52,18 +55,24 @@ def image(name, dtype, seed, prompt):
 
 def images(seeds):
     prompt = json.loads((PACK / "workflows/api/txt2img.json").read_text())["2"]["inputs"]["text"]
+    variants = (("bf16", torch.bfloat16, False), ("fp32 compiled", torch.float32, True),
+                ("bf16 compiled", torch.bfloat16, True))
     for name in MODELS:
-        means, largest, times = [], 0, {torch.float32: [], torch.bfloat16: []}
+        means, largest, times = {v: [] for v in variants}, dict.fromkeys(variants, 0), {v: [] for v in variants}
+        reference_times = []
         for seed in range(seeds):
-            (a, ta), (b, tb) = (image(name, dtype, seed, prompt) for dtype in (torch.float32, torch.bfloat16))
-            times[torch.float32].append(ta)
-            times[torch.bfloat16].append(tb)
-            diff = np.abs(a - b)
-            means.append(diff.mean())
-            largest = max(largest, int(diff.max()))
-        print(f"{name}: bf16 - fp32 image, mean |diff| per seed {', '.join(f'{m:.2f}' for m in means)} /255, "
-              f"largest {largest}/255; image {min(times[torch.float32]):.2f} s fp32, "
-              f"{min(times[torch.bfloat16]):.2f} s bf16")
+            reference, seconds = image(name, torch.float32, seed, prompt)
+            reference_times.append(seconds)
+            for variant in variants:
+                pixels, seconds = image(name, variant[1], seed, prompt, variant[2])
+                times[variant].append(seconds)
+                diff = np.abs(pixels - reference)
+                means[variant].append(diff.mean())
+                largest[variant] = max(largest[variant], int(diff.max()))
+        print(f"{name}: image {min(reference_times):.2f} s fp32")
+        for variant in variants:
+            print(f"  {variant[0]} - fp32 image, mean |diff| per seed {', '.join(f'{m:.2f}' for m in means[variant])} "
+                  f"/255, largest {largest[variant]}/255; image {min(times[variant]):.2f} s")
 
 
 def sd15(repeats):

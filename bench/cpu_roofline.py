@@ -9,8 +9,8 @@ OMP_NUM_THREADS / OMP_WAIT_POLICY before starting it, as for the CLI):
   - the built-in model (builtin/tiny-shapes): one UNet call as sampling makes it (fp32, and bf16 where
     the CPU has it: what precision auto picks there) (batch 2, 16x16x4 latent, context 77), one
     sampling step of dpmpp_2m with CFG ((a 41-step run - a 1-step run) / 40: the network, the sampler's
-    updates, the CFG mix; fp32, and bf16 where the CPU has it; eager, and compiled as LDMLoadModel's
-    `compile` runs it: core/compiled.py, whose packages this builds on its first run, about a minute
+    updates, the CFG mix; fp32, and bf16 where the CPU has it; eager, and compiled as LDMCompileModel
+    makes it run: core/compiled.py, whose packages this builds on its first run, about a minute
     each, kept in ~/.cache/ldm-nodes/compiled), and one timestep of the pixel model's bound (builtin/tiny-shapes-pixel on a
     32x32 image, the batch nll uses).
 FLOPs come from torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions; norms, softmax and

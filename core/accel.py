@@ -224,7 +224,8 @@ def fast_network(network, compiled=False, note=None):
     if not compiled:
         return lambda x, t, context: run_fp32(network, x, t, context)
     from .compiled import compiled_network  # only when asked: it is not needed to start
-    call = compiled_network(network, network, note)
+    state = tuple(weight_state(tensor) for tensor in network.state_dict().values())
+    call = compiled_network(network, state, network, note)
     return lambda x, t, context: call(x.to(param.dtype), t, context).float()
 
 

@@ -28,8 +28,6 @@ from pathlib import Path
 
 import torch
 
-from .accel import weight_state
-
 PACK_SOURCE = Path(__file__).resolve().parent  # the network's code: a package is stale when it changes
 _PACKAGES = weakref.WeakKeyDictionary()  # network -> CompiledNetwork (its packages live as long as it does)
 
@@ -40,11 +38,11 @@ def cache_dir():
     return Path(root) / "ldm-nodes" / "compiled"
 
 
-def compiled_network(network, eager, note=None):
+def compiled_network(network, state, eager, note=None):
     """A callable network(x, t, context) that runs `network`'s package for each input shape, built on first
     use, and `eager(x, t, context)` where no package can be had. note(text) hears of a build before it
-    starts (it takes about a minute) and of a failure. One CompiledNetwork per network and weights."""
-    state = tuple(weight_state(tensor) for tensor in network.state_dict().values())
+    starts (it takes about a minute) and of a failure. One CompiledNetwork per network and weights `state`
+    (where its weights live and how often they changed: accel.weight_state of each)."""
     cache = _PACKAGES.get(network)
     if cache is None or cache.state != state:  # new weights (moved, cast or changed): new packages
         cache = _PACKAGES[network] = CompiledNetwork(network, state)
@@ -93,24 +91,19 @@ class CompiledNetwork:
 
 def build_package(network, inputs, path):
     """Export `network` at the shapes of `inputs`, compile it with AOTInductor (weights frozen, prepacked and
-    built into the library) and write the library to `path` whole (a temporary file beside it, then a
-    rename: two processes building the same package cannot leave half of one)."""
+    built into the library) and write the library to `path` whole (built in a temporary folder beside it,
+    then renamed: two processes building the same package cannot leave half of one, and the compiler's
+    sources and objects go with the folder)."""
     import torch._inductor  # the compiler: imported only to build
 
     path.parent.mkdir(parents=True, exist_ok=True)
     plain = plain_copy(network)
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), tempfile.TemporaryDirectory(dir=path.parent) as work:
         program = torch.export.export(plain, tuple(inputs))
-        handle, temporary = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(handle)
-        try:
-            torch._inductor.aot_compile(program.module(), tuple(inputs), options={
-                "freezing": True, "aot_inductor.package_constants_in_so": True,
-                "aot_inductor.output_path": temporary})
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        library = os.path.join(work, path.name)  # the compiler writes its sources and objects beside it
+        torch._inductor.aot_compile(program.module(), tuple(inputs), options={
+            "freezing": True, "aot_inductor.package_constants_in_so": True, "aot_inductor.output_path": library})
+        os.replace(library, path)
     logging.getLogger(__name__).info("compiled %s into %s", type(network).__name__, path)
 
 

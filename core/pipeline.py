@@ -229,7 +229,7 @@ def sample(model, latent, positive, negative, *, seed, sigmas, sampler_name, cfg
     on_estimate(seconds): called before the first step, for a latent larger than eta.ESTIMATE_ABOVE positions,
     with the estimated seconds of one network call (core/eta.py), so a long run can say so at once.
     on_note(text): hears what takes long before the first step, or went wrong without stopping the run: a
-    model loaded with `compile` being compiled for this CPU (core/compiled.py), or why it could not be.
+    model marked `compile` (LDMCompileModel) being compiled for this CPU (core/compiled.py), or why not.
     """
     for name, value in (("cfg", cfg), ("eta", eta), ("guidance_rescale", guidance_rescale)):
         if not math.isfinite(value):  # NaN passes every min/max check, and would be taken as eta's default

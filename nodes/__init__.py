@@ -2,7 +2,7 @@
 from .classify import LDMClassify, LDMComfyClassify
 from .latent import LDMDecodeLatent, LDMEmptyLatent, LDMEncodeImage
 from .likelihood import LDMComfyLikelihood, LDMLikelihood
-from .loader import LDMLoadModel
+from .loader import LDMCompileModel, LDMLoadModel
 from .sample import LDMSample
 from .sampler_select import LDMSamplerSelect
 from .schedule import LDMNoiseSchedule
@@ -21,6 +21,7 @@ NODE_CLASS_MAPPINGS = {
     "LDMClassify": LDMClassify,
     "LDMComfyLikelihood": LDMComfyLikelihood,
     "LDMComfyClassify": LDMComfyClassify,
+    "LDMCompileModel": LDMCompileModel,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -36,4 +37,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LDMClassify": "Classify by Likelihood (LDM)",
     "LDMComfyLikelihood": "Likelihood of a ComfyUI MODEL (LDM)",
     "LDMComfyClassify": "Classify by Likelihood, ComfyUI MODEL (LDM)",
+    "LDMCompileModel": "Compile Model for the CPU (LDM)",
 }

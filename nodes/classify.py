@@ -2,7 +2,7 @@
 LDMComfyClassify: the same for the models ComfyUI loads itself."""
 from ..core.classify import DEFAULT_STEPS, classify, encode_candidates, paired_classification
 from ..core.errors import InputError
-from ..core.likelihood import denoiser_likelihood
+from ..core.likelihood import check_bound_steps, denoiser_likelihood
 from ..core.plot import plot_classification
 from . import host
 from .likelihood import as_image
@@ -85,6 +85,7 @@ class LDMComfyClassify:
         candidates = candidate_prompts(prompts)
         if image.shape[0] != 1:
             raise InputError("image", f"a batch of {image.shape[0]}: classification takes one image at a time")
+        check_bound_steps(steps, host.model_timesteps(model))  # before the VAE's and text encoder's work
         latent = host.encode(vae, image)
         conditionings = [host.encode_text(clip, text) for text in candidates]
         progress = host.late_progress()

@@ -43,16 +43,7 @@ class ComfyHost(Host):
         MODEL's patches, LoRAs, memory management and extra conditions (SDXL's sizes) apply: a KSAMPLER
         whose function hands `work` the guided denoiser and the clean latent (zero noise: x = the scaled
         latent) and returns it unchanged."""
-        sampling = model.get_model_object("model_sampling")
-        if (not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete)
-                or isinstance(sampling, comfy.model_sampling.StableCascadeSampling)
-                or not isinstance(sampling, comfy.model_sampling.EPS)):
-            raise InputError("model", f"its sampling ({type(sampling).__name__}) is not a discrete DDPM schedule "
-                                      "with x = x0 + sigma eps (SD1.x, SD2.x, SDXL and their fine-tunes are); "
-                                      "the bound needs one")
-        if model.model.model_config.inpaint_model():
-            raise InputError("model", "is an inpainting (or image-conditioned) model: it models the masked region "
-                                      "given the rest, not whole images, so it has no likelihood of an image")
+        sampling = self._scored_sampling(model)
         results = []
         batch = self._timesteps_per_call(model, latent)
 
@@ -64,6 +55,25 @@ class ComfyHost(Host):
         comfy.sample.sample_custom(model, torch.zeros_like(latent), 1.0, comfy.samplers.KSAMPLER(function), ends,
                                    conditioning, conditioning, latent, disable_pbar=True, seed=0)
         return results[0]
+
+    def model_timesteps(self, model):
+        return len(self._scored_sampling(model).sigmas)
+
+    @staticmethod
+    def _scored_sampling(model):
+        """The MODEL's model_sampling, refused (naming `model`) unless the bound applies to it: a discrete DDPM
+        schedule with x = x0 + sigma eps, and a model of whole images (not inpainting)."""
+        sampling = model.get_model_object("model_sampling")
+        if (not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete)
+                or isinstance(sampling, comfy.model_sampling.StableCascadeSampling)
+                or not isinstance(sampling, comfy.model_sampling.EPS)):
+            raise InputError("model", f"its sampling ({type(sampling).__name__}) is not a discrete DDPM schedule "
+                                      "with x = x0 + sigma eps (SD1.x, SD2.x, SDXL and their fine-tunes are); "
+                                      "the bound needs one")
+        if model.model.model_config.inpaint_model():
+            raise InputError("model", "is an inpainting (or image-conditioned) model: it models the masked region "
+                                      "given the rest, not whole images, so it has no likelihood of an image")
+        return sampling
 
     @staticmethod
     def _timesteps_per_call(model, latent, most=64):

@@ -47,6 +47,11 @@ class Host:
         raise InputError("model", "a ComfyUI MODEL exists only inside ComfyUI; headless, score the pack's own "
                                   "models with LDMLikelihood")
 
+    def model_timesteps(self, model):
+        """The number T of the host model's discrete training timesteps, after the checks run_under_model makes
+        (the model can be scored): so a node can check its `steps` before it encodes anything."""
+        return self.run_under_model(model, None, None, None)
+
     def encode(self, vae, image):
         """The host VAE's latent of IMAGE [B, H, W, 3] (ComfyUI's VAE.encode); this host has none."""
         raise InputError("vae", "a ComfyUI VAE exists only inside ComfyUI")
@@ -120,6 +125,11 @@ def late_progress():
 def run_under_model(model, conditioning, latent, work):
     """work(denoise, x0, sigmas, batch) under the host's model: see Host.run_under_model."""
     return _host.run_under_model(model, conditioning, latent, work)
+
+
+def model_timesteps(model):
+    """T of the host's model, refused as run_under_model refuses it: see Host.model_timesteps."""
+    return _host.model_timesteps(model)
 
 
 def encode(vae, image):

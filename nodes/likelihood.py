@@ -3,7 +3,7 @@ the same for the models ComfyUI loads itself."""
 import numpy as np
 import torch
 
-from ..core.likelihood import denoiser_likelihood
+from ..core.likelihood import check_bound_steps, denoiser_likelihood
 from ..core.objective import VARIANCES
 from ..core.pipeline import likelihood
 from ..core.plot import plot_bound
@@ -82,6 +82,7 @@ class LDMComfyLikelihood:
         }
 
     def score(self, model, vae, image, conditioning, variance, steps):
+        check_bound_steps(steps, host.model_timesteps(model))  # before the VAE's work
         latent = host.encode(vae, image)
         progress = host.late_progress()
 

@@ -37,7 +37,6 @@ class Loaded:
 class LoadedModel(Loaded):
     vae: object = None  # the model's autoencoder part, for previews
     _latent_to_rgb: dict = None  # preview method -> its linear map, made once
-    shares: object = None  # the shared load this one samples compiled: held, so the load cache keeps it
 
     def previewer(self, latent_shape):
         """A function from an unscaled latent batch to the preview image of its first latent, the size of
@@ -71,9 +70,7 @@ def precision_dtypes(precision, device):
 _cache = weakref.WeakValueDictionary()
 
 
-def load_model(ckpt_name, precision, compile=False):
-    """(model, text encoder, autoencoder), shared with earlier loads of the same file and precision; with
-    `compile` the model samples on the CPU from packages compiled for it (core/compiled.py)."""
+def load_model(ckpt_name, precision):
     path = model_paths.resolve_model(ckpt_name)
     device = host.device()
     dtype, vae_dtype = precision_dtypes(precision, device)
@@ -90,9 +87,6 @@ def load_model(ckpt_name, precision, compile=False):
         parts = (model, text, vae)
         for i, part in enumerate(parts):
             _cache[(key, i)] = part
-    if compile:  # the same weights, sampled through their compiled packages
-        model = parts[0]
-        parts = (replace(model, core=replace(model.core, compile=True), shares=model),) + parts[1:]
     return parts
 
 
@@ -119,13 +113,6 @@ class LDMLoadModel:
                 "tooltip": "Weights' precision. auto: on a GPU fp16, with the autoencoder in fp32 (fp16 "
                            "autoencoders can overflow into black images); on the CPU bf16 with the autoencoder "
                            "in fp32 where the CPU has bf16 instructions (avx512_bf16, AMX), else fp32."}),
-        }, "optional": {
-            "compile": ("BOOLEAN", {
-                "default": False,
-                "tooltip": "CPU only: sample from the denoiser compiled for this CPU (torch AOTInductor), about "
-                           "1.7x faster per step for the built-in models. Built the first time each latent "
-                           "size is sampled (about a minute for a small model; needs a C++ compiler, without "
-                           "one it samples as usual and says why) and kept in ~/.cache/ldm-nodes/compiled."}),
         }}
 
     @classmethod
@@ -138,5 +125,26 @@ class LDMLoadModel:
             return str(error)
         return True
 
-    def load(self, ckpt_name, precision, compile=False):
-        return load_model(ckpt_name, precision, compile)
+    def load(self, ckpt_name, precision):
+        return load_model(ckpt_name, precision)
+
+
+class LDMCompileModel:
+    DESCRIPTION = ("CPU only: the model, sampled from its denoiser compiled ahead of time for this CPU (torch's "
+                   "AOTInductor; about 1.7x faster per step for the built-in models). The first run at each latent "
+                   "size, batch, prompt length and precision builds the compiled network: about 40 s for a small "
+                   "model on two cores, and it needs a C++ compiler (without one the model samples as usual and "
+                   "the console says why). Builds are kept in ~/.cache/ldm-nodes/compiled, so later runs load "
+                   "them at once. The same weights: nothing is loaded twice. On a GPU it changes nothing.")
+    CATEGORY = "latent diffusion"
+    FUNCTION = "compile"
+    RETURN_TYPES = ("LDM_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The same model; LDMSample runs its compiled denoiser on the CPU.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("LDM_MODEL", {"tooltip": "From LDMLoadModel."})}}
+
+    def compile(self, model):
+        return (replace(model, core=replace(model.core, compile=True)),)

@@ -94,6 +94,7 @@ NODES = {  # contract (ARCHITECTURE.md section 2): input names in order, require
     "LDMClassify": (["image", "model", "text_encoder", "vae", "prompts", "steps", "seed"], []),
     "LDMComfyLikelihood": (["model", "vae", "image", "conditioning", "variance", "steps"], []),
     "LDMComfyClassify": (["image", "model", "clip", "vae", "prompts", "steps", "seed"], []),
+    "LDMCompileModel": (["model"], []),
 }
 WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json"))
 
@@ -944,6 +945,19 @@ except InputError as e:
     assert str(e).startswith("model: is an inpainting"), e
 else:
     raise AssertionError("an inpainting model was scored")
+# steps outside 0 and 2..T-1 are refused before the VAE or the CLIP does any work
+class Untouchable:
+    def __getattr__(self, name):
+        raise AssertionError(f"{{name}} used before steps were checked")
+
+for bad in (lambda: LDMComfyLikelihood().score(model, Untouchable(), image, [[context, {{}}]], "beta_tilde", 1000),
+            lambda: LDMComfyClassify().classify(image, model, Untouchable(), Untouchable(), "a\\nb", 1, 3)):
+    try:
+        bad()
+    except ValueError as e:
+        assert str(e).startswith("steps: 0 (all 1000 timesteps)"), e
+    else:
+        raise AssertionError("steps out of range were taken")
 # classification: core's CLIP encodes as the pack's text encoder does, and LDMComfyClassify (candidate by
 # candidate through core's sampling) ranks and scores as the pack's LDMClassify (one batch) on the same file
 prompts = ["a red circle", "a blue square", "a green triangle on a white background"]

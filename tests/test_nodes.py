@@ -24,7 +24,7 @@ from ldm_nodes.core.unet import UNetConfig, UNetModel
 from ldm_nodes.nodes import loader
 from ldm_nodes.nodes import (
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, LDMDecodeLatent, LDMEmptyLatent, LDMEncodeImage,
-    LDMEncodeText, LDMLoadModel, LDMNoiseSchedule, LDMSample,
+    LDMCompileModel, LDMEncodeText, LDMLoadModel, LDMNoiseSchedule, LDMSample,
 )
 
 PACK = Path(ldm_nodes.__file__).resolve().parent
@@ -45,7 +45,7 @@ DDPM_VARIANCES = ["beta_tilde", "beta"]
 CONTRACT = {
     "LDMLoadModel": {
         "required": [("ckpt_name", COMBO), ("precision", PRECISIONS)],
-        "optional": [("compile", "BOOLEAN")],
+        "optional": [],
         "outputs": [("model", "LDM_MODEL"), ("text_encoder", "LDM_TEXT_ENCODER"), ("vae", "LDM_VAE")],
     },
     "LDMEncodeText": {
@@ -110,6 +110,11 @@ CONTRACT = {
                      ("steps", "INT"), ("seed", "INT")],
         "optional": [],
         "outputs": [("best_prompt", "STRING"), ("plot", "IMAGE")],
+    },
+    "LDMCompileModel": {
+        "required": [("model", "LDM_MODEL")],
+        "optional": [],
+        "outputs": [("model", "LDM_MODEL")],
     },
 }
 
@@ -504,22 +509,21 @@ def test_img2img(graph):
     assert torch.equal(run(latent, 0.0)[0]["samples"], latent["samples"])  # denoise 0: nothing to do
 
 
-def test_load_with_compile_samples_through_the_compiled_network_of_the_same_weights(tiny_file, monkeypatch, tmp_path):
-    """LDMLoadModel's compile shares the loaded weights (no second load) and LDMSample then calls the
-    network's package (here a stand-in: the eager network plus 1, built without a compiler) and says so."""
+def test_compile_model_samples_through_the_compiled_network_of_the_same_weights(tiny_file, monkeypatch, tmp_path):
+    """LDMCompileModel keeps the loaded weights (nothing loaded twice) and LDMSample then calls the network's
+    package (here a stand-in: the eager network plus 1, built without a compiler) and says so."""
     from ldm_nodes.core import compiled
     from ldm_nodes.nodes import host
 
     saved = list(model_paths._model_dirs)
     model_paths.set_model_dirs([tiny_file.parent])
     try:
-        plain = LDMLoadModel().load("tiny.safetensors", "fp32")
-        fast, text_encoder, vae = LDMLoadModel().load("tiny.safetensors", "fp32", True)
-        again = LDMLoadModel().load("tiny.safetensors", "fp32", True)[0]
+        plain, text_encoder, vae = LDMLoadModel().load("tiny.safetensors", "fp32")
     finally:
         model_paths.set_model_dirs(saved)
-    assert fast.core.compile and not plain[0].core.compile and fast.core.network is plain[0].core.network
-    assert again.core.network is fast.core.network and (text_encoder, vae) == plain[1:]
+    (fast,) = LDMCompileModel().compile(plain)
+    assert fast.core.compile and not plain.core.compile and fast.core.network is plain.core.network
+    assert fast.handle is plain.handle and fast.vae is plain.vae
     built, notes = [], []
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(compiled, "build_package", lambda network, inputs, path: built.append(path))
@@ -533,11 +537,15 @@ def test_load_with_compile_samples_through_the_compiled_network_of_the_same_weig
         def run(self, inputs):
             return [network(*inputs) + 1]
     monkeypatch.setattr(compiled.torch._C._aoti, "AOTIModelContainerRunnerCpu", StandIn)
-    monkeypatch.setattr(host.Progress, "note", lambda self, text: notes.append(text))
+
+    class Noted(host.Progress):
+        def note(self, text):
+            notes.append(text)
+    monkeypatch.setattr(host, "progress", Noted)
     conditioning = LDMEncodeText().encode(text_encoder, "")[0]
     latent = LDMEmptyLatent().make(vae, 32, 32, 1)[0]
     samples = []
-    for model in (plain[0], fast):
+    for model in (plain, fast):
         schedule = LDMNoiseSchedule().schedule("model", 1, "karras", False, model=model)[0]
         samples.append(LDMSample().sample(model, schedule, conditioning, conditioning, latent, 0, "euler", 4.0,
                                           1.0)[0]["samples"])

@@ -37,6 +37,7 @@ def add_parser(commands):
 
 def _questions(args):
     """[(image path, [prompts])] from the command line or --batch, every field checked."""
+    from ..core.classify import check_candidates
     from ..core.errors import InputError
 
     if args.batch is not None:
@@ -69,10 +70,7 @@ def _questions(args):
             raise InputError("IMAGE", "give at least one image, or --batch FILE.jsonl")
         questions = [(image, args.prompt, "--prompt") for image in args.images]
     for image, prompts, where in questions:
-        if len(prompts) < 2:
-            raise InputError(where, f"needs at least 2 candidate prompts, got {len(prompts)}")
-        if len(set(prompts)) < len(prompts):
-            raise InputError(where, "the same prompt is given twice")
+        check_candidates(prompts, where)
         if not Path(image).is_file():
             raise InputError(image, "no such file")
     return [(image, prompts) for image, prompts, _ in questions]

@@ -129,11 +129,19 @@ def paired_classification(bounds, T):
 DEFAULT_STEPS = 100  # timesteps per image, shared by its candidates
 
 
+def check_candidates(prompts, name="prompts"):
+    """Refuse, naming `name` (the node's input, the command line's flag or batch line), candidates that
+    cannot be ranked: fewer than 2, or one prompt given twice (its two scores would tie by construction)."""
+    if len(prompts) < 2:
+        raise InputError(name, f"needs at least 2 candidate prompts, got {len(prompts)}")
+    if len(set(prompts)) < len(prompts):
+        raise InputError(name, "the same prompt is given twice")
+
+
 def encode_candidates(text_encoder, prompts):
     """The contexts [N, L, D] of N candidate prompts (a pipeline.TextEncoder), refusing what cannot be
-    compared: fewer than 2, or prompts of different lengths in 77-token chunks (they cannot share a batch)."""
-    if len(prompts) < 2:
-        raise InputError("prompts", f"classification needs at least 2 candidate prompts, got {len(prompts)}")
+    compared: check_candidates, or prompts of different lengths in 77-token chunks (they cannot share a batch)."""
+    check_candidates(prompts)
     contexts = [encode_text(text_encoder, text).context for text in prompts]
     if len({c.shape[1] for c in contexts}) > 1:
         raise InputError("prompts", "the candidates encode to different numbers of 77-token chunks "

@@ -1,6 +1,6 @@
 """LDMClassify: which of several prompts the model finds most likely for an image, by the bound under each;
 LDMComfyClassify: the same for the models ComfyUI loads itself."""
-from ..core.classify import DEFAULT_STEPS, classify, encode_candidates, paired_classification
+from ..core.classify import DEFAULT_STEPS, check_candidates, classify, encode_candidates, paired_classification
 from ..core.errors import InputError
 from ..core.likelihood import check_bound_steps, denoiser_likelihood
 from ..core.plot import plot_classification
@@ -47,10 +47,7 @@ class LDMClassify:
 def candidate_prompts(prompts):
     """The candidates: one per non-empty line, each once; at least 2."""
     candidates = [line.strip() for line in prompts.splitlines() if line.strip()]
-    if len(set(candidates)) < len(candidates):
-        raise InputError("prompts", "the same prompt is given twice")
-    if len(candidates) < 2:
-        raise InputError("prompts", f"classification needs at least 2 candidate prompts, got {len(candidates)}")
+    check_candidates(candidates)
     return candidates
 
 

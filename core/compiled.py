@@ -28,6 +28,11 @@ from pathlib import Path
 
 import torch
 
+# What a build may hold besides the eager network, measured for the built-in UNet (25 MB of weights): the
+# compiler's own memory (300 MB in this process, 600 MB for g++), and copies of the weights (the export
+# copy, the frozen constants, their prepacked form, the library's data), counted four times over.
+BUILD_MEMORY = 2**30
+BUILD_WEIGHT_COPIES = 4
 PACK_SOURCE = Path(__file__).resolve().parent  # the network's code: a package is stale when it changes
 _PACKAGES = weakref.WeakKeyDictionary()  # network -> CompiledNetwork (its packages live as long as it does)
 
@@ -81,6 +86,7 @@ class CompiledNetwork:
         network = self._network()
         path = cache_dir() / f"{package_key(network, self.weights, (x, t, context))}.so"
         if not path.exists():
+            check_build_memory(network)
             if note is not None:
                 note(f"compiling the denoiser for this CPU at {list(x.shape)} (about a minute for a small "
                      "model, once: kept in " + str(cache_dir()) + ")")
@@ -105,6 +111,19 @@ def build_package(network, inputs, path):
             "freezing": True, "aot_inductor.package_constants_in_so": True, "aot_inductor.output_path": library})
         os.replace(library, path)
     logging.getLogger(__name__).info("compiled %s into %s", type(network).__name__, path)
+
+
+def check_build_memory(network):
+    """MemoryError, before anything is built, when the free memory is known to be short of what a build may
+    take (BUILD_MEMORY + BUILD_WEIGHT_COPIES x the weights): the run then samples eagerly, saying why."""
+    from .memory import available_memory
+
+    weights = sum(t.numel() * t.element_size() for t in network.state_dict().values())
+    needed = BUILD_MEMORY + BUILD_WEIGHT_COPIES * weights
+    available, source = available_memory("cpu")
+    if available is not None and available < needed:
+        raise MemoryError(f"compiling needs about {needed / 2**30:.1f} GB and {source} is "
+                          f"{available / 2**30:.1f} GB")
 
 
 def plain_copy(network):

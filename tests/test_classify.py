@@ -190,7 +190,7 @@ def test_node_answers_the_core_s_best_prompt_with_a_plot():
         LDMClassify().classify(image, model, text_encoder, vae, "a\na", 4, 9)
     with pytest.raises(ValueError, match="image: a batch of 2: classification takes one image at a time"):
         LDMClassify().classify(image.expand(2, -1, -1, -1), model, text_encoder, vae, "a\nb", 4, 9)
-    with pytest.raises(ValueError, match="prompts: classification needs at least 2"):
+    with pytest.raises(ValueError, match="prompts: needs at least 2 candidate prompts, got 1"):
         LDMClassify().classify(image, model, text_encoder, vae, "a\n", 4, 9)
 
 

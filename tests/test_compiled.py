@@ -152,6 +152,21 @@ def test_without_a_package_sampling_runs_eagerly_and_says_why_once(monkeypatch):
     assert notes[-1] == said[0]
 
 
+def test_a_build_that_would_not_fit_in_memory_is_not_started(monkeypatch):
+    net = frozen(UNetModel(UNET))
+    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    monkeypatch.setattr(compiled, "build_package", lambda *a: pytest.fail("a build was started"))
+    monkeypatch.setattr("ldm_nodes.core.memory.available_memory",
+                        lambda device: (compiled.BUILD_MEMORY + compiled.BUILD_WEIGHT_COPIES * weights - 1, "MemAvailable"))
+    notes = []
+    x, t, c = inputs()
+    with torch.inference_mode(), pytest.warns(UserWarning, match="MemoryError: compiling needs about 1.0 GB and "
+                                                                 "MemAvailable is 1.0 GB"):
+        out = fast_network(net, compiled=True, note=notes.append)(x, t, c)
+        torch.testing.assert_close(out, net(x, t, c), rtol=0, atol=0)
+    assert len(notes) == 1 and "sampling eagerly" in notes[0]
+
+
 def test_the_key_names_shapes_dtypes_weights_and_network():
     unet = frozen(UNetModel(UNET))
     x, t, c = inputs()

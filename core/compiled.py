@@ -4,17 +4,17 @@ Eager PyTorch runs the built-in UNet's ~600 small operators one at a time, so at
 sampling step is spent between and around the convolutions. torch.export traces the network at one
 input shape; AOTInductor turns that graph into C++ (norms, activations and additions fused into loops,
 the weights of the convolutions and linear layers frozen and prepacked for oneDNN), compiles it with the
-system's C++ compiler into a shared library that holds the weights. bench/RESULTS.md
-has the measured gain (about 1.6x per sampling step of the built-in model) and the outputs' distance
-to eager (within 1e-5 in fp32).
+system's C++ compiler into a shared library that holds the weights: the "package" below. bench/RESULTS.md
+has the measured gain (1.7x per sampling step of the built-in model in fp32, 2x in bf16) and the
+outputs' distance to eager (within 1e-5 in fp32).
 
 A package is built once per network weights, input shapes, dtype, torch version, CPU and pack source
-(about a minute for the built-in model on two cores) under cache_dir(); later runs, in any process,
+(35-47 s for the built-in model on two cores) under cache_dir(); later runs, in any process,
 load it in tens of milliseconds (through torch's C++ runner, without importing the compiler). A package
 does not check the shapes it is given, so it is only ever called with the exact shapes it was built for;
 other shapes get (or build) their own.
-Where no package can be built (no C++ compiler, an operator export cannot trace), the network runs
-eagerly and the reason is said once per network: compiling is never a requirement.
+Where no package can be built (no C++ compiler, an operator export cannot trace, too little free memory),
+the network runs eagerly and the reason is said once per network: compiling is never a requirement.
 """
 import hashlib
 import json
@@ -88,7 +88,7 @@ class CompiledNetwork:
         if not path.exists():
             check_build_memory(network)
             if note is not None:
-                note(f"compiling the denoiser for this CPU at {list(x.shape)} (about a minute for a small "
+                note(f"compiling the denoiser for this CPU at {list(x.shape)} (under a minute for a small "
                      "model, once: kept in " + str(cache_dir()) + ")")
             build_package(network, (x, t, context), path)
         runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)

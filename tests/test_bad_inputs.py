@@ -56,18 +56,30 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# Starts the command from a fresh, small process and writes "exit code, peak KiB" (os.wait4) to argv[1]. A
+# child started straight from pytest would report pytest's own peak if that is larger: Linux carries the
+# memory high-water mark of the process a child was spawned from into the child's ru_maxrss.
+SPAWNER = """
+import os, sys
+pid = os.posix_spawn(sys.executable, [sys.executable, *sys.argv[2:]], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+"""
+
+
 def cli(*args, cwd, stdin=None, available=None):
-    """`python -m ldm_nodes ARGS` in `cwd`; its exit code, output and peak memory (os.wait4). With
-    `available` (bytes), the process sees that much memory available whatever the machine has."""
+    """`python -m ldm_nodes ARGS` in `cwd`; its exit code, output and peak memory (os.wait4, through SPAWNER).
+    With `available` (bytes), the process sees that much memory available whatever the machine has."""
     command = ["-m", "ldm_nodes"] if available is None else ["-c", WITH_AVAILABLE_MEMORY.format(available=available)]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen([sys.executable, *command, *map(str, args)], cwd=cwd, stdout=out,
-                                   stderr=err, stdin=stdin, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "report"
+        subprocess.run([sys.executable, "-c", SPAWNER, report, *command, *map(str, args)], cwd=cwd, stdout=out,
+                       stderr=err, stdin=stdin, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+        code, peak = map(int, report.read_text().split())
         out.seek(0)
         err.seek(0)
-        return Result(process.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss * 1024)
+        return Result(code, out.read().decode(), err.read().decode(), peak * 1024)
 
 
 def files_under(folder):

@@ -225,7 +225,7 @@ def fast_network(network, compiled=False, note=None):
         return lambda x, t, context: run_fp32(network, x, t, context)
     from .compiled import compiled_network  # only when asked: it is not needed to start
     state = tuple(weight_state(tensor) for tensor in network.state_dict().values())
-    call = compiled_network(network, state, network, note)
+    call = compiled_network(network, state, note)
     return lambda x, t, context: call(x.to(param.dtype), t, context).float()
 
 

@@ -43,15 +43,15 @@ def cache_dir():
     return Path(root) / "ldm-nodes" / "compiled"
 
 
-def compiled_network(network, state, eager, note=None):
+def compiled_network(network, state, note=None):
     """A callable network(x, t, context) that runs `network`'s package for each input shape, built on first
-    use, and `eager(x, t, context)` where no package can be had. note(text) hears of a build before it
+    use, and the network itself where no package can be had. note(text) hears of a build before it
     starts (it takes about a minute) and of a failure. One CompiledNetwork per network and weights `state`
     (where its weights live and how often they changed: accel.weight_state of each)."""
     cache = _PACKAGES.get(network)
     if cache is None or cache.state != state:  # new weights (moved, cast or changed): new packages
         cache = _PACKAGES[network] = CompiledNetwork(network, state)
-    return lambda x, t, context: cache(x, t, context, eager, note)
+    return lambda x, t, context: cache(x, t, context, note)
 
 
 class CompiledNetwork:
@@ -64,7 +64,8 @@ class CompiledNetwork:
         self.runners = {}  # input signature -> loaded package
         self.failure = None  # why no package could be built: eager from then on
 
-    def __call__(self, x, t, context, eager, note):
+    def __call__(self, x, t, context, note):
+        eager = self._network()
         if self.failure is not None or x.device.type != "cpu":
             return eager(x, t, context)
         signature = tuple((tuple(a.shape), str(a.dtype)) for a in (x, t, context))
@@ -83,7 +84,7 @@ class CompiledNetwork:
         return runner(x, t, context)
 
     def _load(self, x, t, context, note):
-        network = self._network()
+        network = self._network()  # alive: its caller holds it
         path = cache_dir() / f"{package_key(network, self.weights, (x, t, context))}.so"
         if not path.exists():
             check_build_memory(network)

@@ -75,35 +75,28 @@ def test_a_compiled_network_matches_the_float64_network_and_is_built_once(cache,
     assert len(compiled._PACKAGES[net].runners) == 1
 
 
-def stand_in_build(monkeypatch, built):
-    """build_package replaced by a note of what was asked, and loading by the eager network (doubled, so a
-    result from the stand-in package is told from the eager one)."""
+def stand_in_build(monkeypatch, net, built):
+    """build_package replaced by a note of what was asked, and the C++ runner of a package by `net` doubled
+    (so a result from the stand-in package is told from the eager one)."""
     def build(network, inputs, path):
         built.append([tuple(a.shape) for a in inputs])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"stand-in")
+
+    class StandIn:
+        def __init__(self, path, models):
+            assert models == 1
+
+        def run(self, inputs):
+            return [net(*inputs) * 2]
     monkeypatch.setattr(compiled, "build_package", build)
     monkeypatch.setattr(torch._C._aoti, "AOTIModelContainerRunnerCpu", StandIn)
 
 
-class StandIn:
-    """The C++ runner of a package, standing in: the eager network, doubled."""
-
-    def __init__(self, path, models):
-        assert models == 1
-
-    def run(self, inputs):
-        return [NETS[-1](*inputs) * 2]
-
-
-NETS = []
-
-
 def test_one_package_per_input_shapes_and_none_built_twice(cache, monkeypatch):
     net = frozen(UNetModel(UNET))
-    NETS[:] = [net]
     built = []
-    stand_in_build(monkeypatch, built)
+    stand_in_build(monkeypatch, net, built)
     with torch.inference_mode():
         for batch, size, tokens in ((2, 8, 7), (2, 8, 7), (1, 8, 7), (2, 16, 7), (2, 8, 77), (2, 8, 7)):
             x, t, c = inputs(batch, size, tokens)
@@ -116,9 +109,8 @@ def test_one_package_per_input_shapes_and_none_built_twice(cache, monkeypatch):
 
 def test_changed_weights_get_their_own_packages(cache, monkeypatch):
     net = frozen(UNetModel(UNET))
-    NETS[:] = [net]
     built = []
-    stand_in_build(monkeypatch, built)
+    stand_in_build(monkeypatch, net, built)
     x, t, c = inputs()
     with torch.inference_mode():
         fast_network(net, compiled=True)(x, t, c)

@@ -509,18 +509,13 @@ def test_img2img(graph):
     assert torch.equal(run(latent, 0.0)[0]["samples"], latent["samples"])  # denoise 0: nothing to do
 
 
-def test_compile_model_samples_through_the_compiled_network_of_the_same_weights(tiny_file, monkeypatch, tmp_path):
+def test_compile_model_samples_through_the_compiled_network_of_the_same_weights(graph, monkeypatch, tmp_path):
     """LDMCompileModel keeps the loaded weights (nothing loaded twice) and LDMSample then calls the network's
     package (here a stand-in: the eager network plus 1, built without a compiler) and says so."""
     from ldm_nodes.core import compiled
     from ldm_nodes.nodes import host
 
-    saved = list(model_paths._model_dirs)
-    model_paths.set_model_dirs([tiny_file.parent])
-    try:
-        plain, text_encoder, vae = LDMLoadModel().load("tiny.safetensors", "fp32")
-    finally:
-        model_paths.set_model_dirs(saved)
+    plain, vae, conditioning = graph["model"], graph["vae"], graph["negative"]
     (fast,) = LDMCompileModel().compile(plain)
     assert fast.core.compile and not plain.core.compile and fast.core.network is plain.core.network
     assert fast.handle is plain.handle and fast.vae is plain.vae
@@ -542,7 +537,6 @@ def test_compile_model_samples_through_the_compiled_network_of_the_same_weights(
         def note(self, text):
             notes.append(text)
     monkeypatch.setattr(host, "progress", Noted)
-    conditioning = LDMEncodeText().encode(text_encoder, "")[0]
     latent = LDMEmptyLatent().make(vae, 32, 32, 1)[0]
     samples = []
     for model in (plain, fast):
